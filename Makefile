@@ -1,0 +1,39 @@
+# Two commands a learner needs:  make pipeline   and   make test
+# Both create .venv and install the course into it on first use.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch first: this pin is the CPU wheel CI tests with. On a CUDA machine use the build for your driver.
+TORCH  ?= torch==2.13.0
+PROFILE ?= tiny
+
+.PHONY: install pipeline test unit notebooks bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+# The main job: tiny world -> tokenizer -> pretraining -> evaluation -> report (runs/<profile>/report)
+pipeline: install
+	$(VENV)/bin/llm-course --profile $(PROFILE) pipeline
+
+# Whole test suite: unit tests, then every notebook under nbval in the smoke profile
+test: install
+	LLM_COURSE_PROFILE=smoke WANDB_MODE=offline $(PY) -m pytest tests notebooks --nbval-lax --durations=15 -q
+
+unit: install
+	LLM_COURSE_PROFILE=smoke $(PY) -m pytest tests -q
+
+# Re-execute notebooks in place with the tiny profile (the committed outputs)
+notebooks: install
+	$(VENV)/bin/llm-course notebooks --profile tiny
+
+bench: install
+	$(PY) benchmarks/bench_train_loop.py
+
+clean:
+	rm -rf runs

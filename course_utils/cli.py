@@ -1,0 +1,148 @@
+"""``llm-course``: the course's command line.
+
+    llm-course pipeline              # every stage, default profile, writes a report
+    llm-course pretrain --max-steps 200 --lr 1e-3
+    llm-course world --out data/     # write the tiny world's JSONL files
+    llm-course notebooks             # re-execute notebooks in place (tiny profile outputs)
+    llm-course env                   # what this machine has, which profile is in force
+    llm-course gpu-smoke             # a short run of the gpu profile (needs CUDA + network)
+
+Every subcommand takes ``--profile {smoke,tiny,gpu}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+from pathlib import Path
+
+from .profiles import ENV_VAR, PROFILES, use_profile
+
+
+def _field_help(cls) -> dict[str, str]:
+    """The ``# comment`` after each dataclass field becomes its --help text."""
+    src = inspect.getsource(cls)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=\n]+= [^#\n]*# (.*)$", src, re.M)}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    helps = _field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "profile":
+            continue
+        kind = type(f.default)
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None, help=helps.get(f.name))
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=f"{helps.get(f.name, '')} (profile default)")
+
+
+def _overrides(args, cls) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if f.name != "profile" and getattr(args, f.name, None) is not None}
+
+
+def cmd_pipeline(args) -> int:
+    from .pipeline import run_pipeline
+    from .pretrain import PretrainConfig
+
+    trackers = None if args.trackers is None else tuple(t for t in args.trackers.split(",") if t and t != "none")
+    run_pipeline(args.profile, out_dir=args.out, trackers=trackers, **_overrides(args, PretrainConfig))
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .pretrain import PretrainConfig, main
+
+    cfg = PretrainConfig.for_profile(args.profile, **_overrides(args, PretrainConfig))
+    metrics = main(cfg, out_dir=args.out)
+    print(f"checkpoint: {metrics['checkpoint']}")
+    return 0
+
+
+def cmd_world(args) -> int:
+    from .profiles import get_profile
+    from .world import write_world
+
+    counts = write_world(get_profile(args.profile), Path(args.out))
+    print(f"wrote the tiny world to {args.out}: {counts}")
+    return 0
+
+
+def cmd_notebooks(args) -> int:
+    from .notebooks import execute_notebooks
+
+    return execute_notebooks(args.names, profile=args.profile or "tiny", timeout=args.timeout)
+
+
+def cmd_env(args) -> int:
+    from .envcheck import environment_report
+
+    print(environment_report())
+    return 0
+
+
+def cmd_gpu_smoke(args) -> int:
+    from .gpu_smoke import run_gpu_smoke
+
+    return run_gpu_smoke(steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pretrain import PretrainConfig
+
+    parser = argparse.ArgumentParser(prog="llm-course", description="LLM Training Lab: train language models end to end.")
+    parser.add_argument("--profile", choices=list(PROFILES), default=None,
+                        help=f"sizes and data: smoke (CI), tiny (CPU default), gpu (CUDA default); or set {ENV_VAR}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pipeline", help="run every stage end to end and write a report")
+    p.add_argument("--out", default=None, help="artifact folder (default: runs/<profile>)")
+    p.add_argument("--trackers", default=None, help="comma list of wandb,tensorboard or 'none' (default: the profile's)")
+    _add_config_flags(p, PretrainConfig)
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("pretrain", help="only the pretraining stage")
+    p.add_argument("--out", default=None, help="stage folder (default: runs/<profile>/pretrain)")
+    _add_config_flags(p, PretrainConfig)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("world", help="write the tiny world's JSONL files")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_world)
+
+    p = sub.add_parser("notebooks", help="re-execute notebooks in place (default profile: tiny)")
+    p.add_argument("names", nargs="*", help="notebook paths or number prefixes like 02 (default: all)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    p.set_defaults(func=cmd_notebooks)
+
+    p = sub.add_parser("env", help="print versions, devices and the profile in force")
+    p.set_defaults(func=cmd_env)
+
+    p = sub.add_parser("gpu-smoke", help="short gpu-profile run on a CUDA machine (downloads a 135M model)")
+    p.add_argument("--steps", type=int, default=20)
+    p.set_defaults(func=cmd_gpu_smoke)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.profile:
+        use_profile(args.profile)
+    try:
+        return args.func(args)
+    except ValueError as e:  # our errors name the problem; a traceback would only hide it
+        from .errors import CourseError
+
+        if isinstance(e, CourseError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

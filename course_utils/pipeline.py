@@ -1,0 +1,57 @@
+"""The end-to-end pipeline behind ``llm-course pipeline``.
+
+Today: tiny world → tokenizer → pretraining → evaluation → report. Later chapters
+append SFT → reward model → RLHF to ``STAGES`` without changing the command.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .profiles import get_profile, runs_dir
+from .tracking import Tracker
+
+STAGES = ("world", "pretrain", "report")
+
+
+def run_pipeline(profile: str | None = None, out_dir=None, trackers=None, log=print, **pretrain_overrides) -> dict:
+    """Run every stage for ``profile``; return the metrics dict (also written to ``<out>/report``)."""
+    from . import pretrain
+    from .report import write_report
+    from .world import write_world
+
+    p = get_profile(profile)
+    out = Path(out_dir) if out_dir else runs_dir(p)
+    trackers = p.trackers if trackers is None else tuple(trackers)
+    t_start = time.perf_counter()
+    metrics = {"profile": p.name, "stages": {}, "stage_seconds": {}}
+    log(f"LLM Training Lab pipeline — profile {p.name!r}: {p.description}")
+    log(f"artifacts: {out}")
+
+    t = time.perf_counter()
+    if p.offline:
+        counts = write_world(p, out / "world")
+        log(f"[1/3] tiny world written to {out / 'world'}: {counts}")
+        metrics["stages"]["world"] = counts
+    else:
+        log(f"[1/3] gpu profile: data comes from the hub ({', '.join(p.hub_datasets.values())})")
+    metrics["stage_seconds"]["world"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log("[2/3] pretraining (预训练): tokenizer → DataLoader → loss → checkpoint")
+    cfg = pretrain.PretrainConfig.for_profile(p.name, **pretrain_overrides)
+    tracker = Tracker("pretrain", config=vars(cfg), backends=trackers, log_dir=out / "tracking")
+    try:
+        metrics["stages"]["pretrain"] = pretrain.main(cfg, out_dir=out / "pretrain", tracker=tracker, log=log)
+    finally:
+        tracker.finish()
+    metrics["stage_seconds"]["pretrain"] = time.perf_counter() - t
+    if trackers:
+        log(f"  metrics also sent to {', '.join(trackers)} under {out / 'tracking'}")
+
+    metrics["seconds"] = time.perf_counter() - t_start
+    report = write_report(out / "report", metrics)
+    log(f"[3/3] report: {report}  (numbers: {report.parent / 'metrics.json'})")
+    metrics["report"] = str(report)
+    return metrics

@@ -1,0 +1,46 @@
+"""Stages hand off through checkpoints, asked for by name.
+
+``load_stage("base")`` returns the pretrained model and its tokenizer. If the
+checkpoint does not exist yet, it is built first (seconds in the ``smoke``
+profile, minutes in ``tiny``), so any notebook can start from any chapter.
+Later chapters add "sft", "rm", "ppo", "dpo" here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ConfigError
+from .profiles import Profile, get_profile, runs_dir
+
+STAGES = {"base": "pretrain"}  # stage name -> folder under runs/<profile>/
+
+
+def stage_dir(stage: str, profile: Profile | str | None = None) -> Path:
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; known stages: {', '.join(STAGES)}")
+    return runs_dir(profile) / STAGES[stage]
+
+
+def load_stage(stage: str, profile: Profile | str | None = None, build_if_missing: bool = True, device=None):
+    """(model, tokenizer) of a finished stage; builds it first if missing and allowed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import verify_checkpoint
+    from .tokenizer import load_tokenizer
+
+    profile = get_profile(profile if isinstance(profile, str) or profile is None else profile.name)
+    final = stage_dir(stage, profile) / "final"
+    if not (final / "manifest.json").exists():
+        if not build_if_missing:
+            raise ConfigError(f"stage {stage!r} has no checkpoint at {final}; run `llm-course pipeline` first")
+        print(f"stage {stage!r} not found for profile {profile.name!r}: building it now ...")
+        if stage == "base":
+            from .pretrain import PretrainConfig, main
+
+            main(PretrainConfig.for_profile(profile.name))
+    verify_checkpoint(final)
+    model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=False)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), load_tokenizer(final)
