@@ -23,14 +23,14 @@ pipeline: install
 
 # Whole test suite: unit tests, then every notebook under nbval in the smoke profile
 test: install
-	LLM_COURSE_PROFILE=smoke WANDB_MODE=offline $(PY) -m pytest tests notebooks --nbval-lax --durations=15 -q
+	LLM_COURSE_PROFILE=smoke WANDB_MODE=offline $(PY) -m pytest tests notebooks exercises solutions --nbval-lax --durations=15 -q
 
 unit: install
 	LLM_COURSE_PROFILE=smoke $(PY) -m pytest tests -q
 
 # Re-execute notebooks in place with the tiny profile (the committed outputs)
 notebooks: install
-	$(VENV)/bin/llm-course notebooks --profile tiny
+	$(VENV)/bin/llm-course --profile tiny notebooks
 
 bench: install
 	$(PY) benchmarks/bench_train_loop.py

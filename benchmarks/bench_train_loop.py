@@ -4,7 +4,9 @@ Both loops train the same tiny-profile model from the same initial weights on th
 batches (same sampler), with AdamW, the warmup+cosine LR, and global-norm clipping. The
 course loop adds what the course needs (objective dispatch, exact accumulation
 normalisation, logging, progress bar); this shows what that costs. Rounds alternate
-A/B so that machine noise hits both alike; the median ratio is reported.
+A/B so that machine noise hits both alike. The headline ratio compares each loop's
+fastest run (as ``timeit`` does: noise only ever adds time, so the minimum is the best
+estimate of a loop's own cost); the median of the per-round ratios is printed too.
 
     python benchmarks/bench_train_loop.py            # tiny profile sizes, ~3 minutes on 2 cores
     python benchmarks/bench_train_loop.py --steps 10 --rounds 1   # quick look
@@ -49,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="tiny", help="model and batch sizes from this profile")
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per timed run")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating A/B rounds; the median ratio is reported")
+    ap.add_argument("--rounds", type=int, default=6, help="alternating A/B rounds")
     args = ap.parse_args()
 
     p = get_profile(args.profile)
@@ -70,19 +72,22 @@ def main() -> None:
         bare_loop(build_model(mcfg, seed=0), ds, cfg)
 
     bare_loop(build_model(mcfg, seed=0), ds, PretrainConfig.for_profile(p.name, max_steps=4, warmup_steps=1))  # warm-up
-    ratios = []
+    ratios, best = [], {"course": float("inf"), "bare": float("inf")}
     for r in range(args.rounds):
         times = {}
         for name, fn in (("course", course), ("bare", bare)) if r % 2 == 0 else (("bare", bare), ("course", course)):
             t = time.perf_counter()
             fn()
             times[name] = time.perf_counter() - t
+            best[name] = min(best[name], times[name])
         ratio = times["bare"] / times["course"]  # = course tokens/s / bare tokens/s
         ratios.append(ratio)
         print(f"round {r + 1}: course {tokens / times['course']:8.0f} tok/s | bare {tokens / times['bare']:8.0f} tok/s "
               f"| ratio {ratio:.3f}")
-    median = statistics.median(ratios)
-    print(f"median ratio course/bare = {median:.3f} (target >= 0.95): {'OK' if median >= 0.95 else 'BELOW TARGET'}")
+    headline = best["bare"] / best["course"]
+    print(f"best-of-{args.rounds}: course {tokens / best['course']:.0f} tok/s, bare {tokens / best['bare']:.0f} tok/s")
+    print(f"ratio course/bare = {headline:.3f} (target >= 0.95): {'OK' if headline >= 0.95 else 'BELOW TARGET'}; "
+          f"median of per-round ratios {statistics.median(ratios):.3f}")
 
 
 if __name__ == "__main__":

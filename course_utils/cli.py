@@ -6,6 +6,8 @@
     llm-course notebooks             # re-execute notebooks in place (tiny profile outputs)
     llm-course env                   # what this machine has, which profile is in force
     llm-course gpu-smoke             # a short run of the gpu profile (needs CUDA + network)
+    llm-course grade 01              # grade exercises/01_*.ipynb in a fresh kernel
+    llm-course exercises             # regenerate exercises/ from solutions/
 
 Every subcommand takes ``--profile {smoke,tiny,gpu}``.
 """
@@ -92,38 +94,94 @@ def cmd_gpu_smoke(args) -> int:
     return run_gpu_smoke(steps=args.steps)
 
 
+def cmd_grade(args) -> int:
+    from .grading.core import text_table
+    from .grading.runner import grade_notebook
+    from .io import write_json
+    from .profiles import _repo_root
+
+    target = Path(args.target)
+    if target.suffix != ".ipynb":
+        root = _repo_root(Path.cwd().resolve()) or Path.cwd()
+        folder = root / ("solutions" if args.solutions else "exercises")
+        matches = sorted(folder.glob(f"{int(args.target):02d}_*.ipynb"))
+        if not matches:
+            print(f"error: no notebook for chapter {args.target} in {folder}", file=sys.stderr)
+            return 2
+        target = matches[0]
+    report = grade_notebook(target, notebook_timeout=args.timeout, task_timeout=args.task_timeout,
+                            execute=not args.no_execute)
+    took = "" if args.no_execute else f" ({report.notebook_seconds:.0f} s)"
+    print(f"{target} — notebook run: {report.notebook_status}{took}")
+    print(text_table(report.results))
+    if args.json:
+        write_json(args.json, report.to_dict())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_exercises(args) -> int:
+    from .grading.stubs import build_exercises
+    from .profiles import _repo_root
+
+    root = _repo_root(Path.cwd().resolve())
+    if root is None:
+        print("error: run this inside the course checkout", file=sys.stderr)
+        return 2
+    changed = build_exercises(root, check_only=args.check)
+    verb = "out of date" if args.check else "written"
+    print("\n".join(f"{verb}: {p.relative_to(root)}" for p in changed) or "exercises are up to date")
+    return 1 if (args.check and changed) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .pretrain import PretrainConfig
 
     parser = argparse.ArgumentParser(prog="llm-course", description="LLM Training Lab: train language models end to end.")
-    parser.add_argument("--profile", choices=list(PROFILES), default=None,
-                        help=f"sizes and data: smoke (CI), tiny (CPU default), gpu (CUDA default); or set {ENV_VAR}")
+    profile_help = f"sizes and data: smoke (CI), tiny (CPU default), gpu (CUDA default); or set {ENV_VAR}"
+    parser.add_argument("--profile", choices=list(PROFILES), default=None, help=profile_help)
+    # the same flag is also accepted after the subcommand (llm-course pipeline --profile smoke)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--profile", choices=list(PROFILES), default=argparse.SUPPRESS, help=profile_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pipeline", help="run every stage end to end and write a report")
+    p = sub.add_parser("pipeline", parents=[common], help="run every stage end to end and write a report")
     p.add_argument("--out", default=None, help="artifact folder (default: runs/<profile>)")
     p.add_argument("--trackers", default=None, help="comma list of wandb,tensorboard or 'none' (default: the profile's)")
     _add_config_flags(p, PretrainConfig)
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("pretrain", help="only the pretraining stage")
+    p = sub.add_parser("pretrain", parents=[common], help="only the pretraining stage")
     p.add_argument("--out", default=None, help="stage folder (default: runs/<profile>/pretrain)")
     _add_config_flags(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("world", help="write the tiny world's JSONL files")
+    p = sub.add_parser("world", parents=[common], help="write the tiny world's JSONL files")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_world)
 
-    p = sub.add_parser("notebooks", help="re-execute notebooks in place (default profile: tiny)")
+    p = sub.add_parser("notebooks", parents=[common], help="re-execute notebooks in place (default profile: tiny)")
     p.add_argument("names", nargs="*", help="notebook paths or number prefixes like 02 (default: all)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     p.set_defaults(func=cmd_notebooks)
 
-    p = sub.add_parser("env", help="print versions, devices and the profile in force")
+    p = sub.add_parser("grade", parents=[common], help="grade an exercise notebook in a fresh kernel (table; --json for machines)")
+    p.add_argument("target", help="chapter number (01) for exercises/01_*.ipynb, or a notebook path")
+    p.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    p.add_argument("--timeout", type=float, default=900, help="seconds for running the whole notebook (training cells!)")
+    p.add_argument("--task-timeout", type=float, default=60, help="seconds per graded task")
+    p.add_argument("--no-execute", action="store_true", help="skip running the notebook; only grade the task cells")
+    p.add_argument("--solutions", action="store_true", help="with a chapter number: grade solutions/ instead")
+    p.set_defaults(func=cmd_grade)
+
+    p = sub.add_parser("exercises", parents=[common], help="regenerate exercises/ from solutions/ (the single source)")
+    p.add_argument("--check", action="store_true", help="only report stubs that are out of date (exit 1 if any)")
+    p.set_defaults(func=cmd_exercises)
+
+    p = sub.add_parser("env", parents=[common], help="print versions, devices and the profile in force")
     p.set_defaults(func=cmd_env)
 
-    p = sub.add_parser("gpu-smoke", help="short gpu-profile run on a CUDA machine (downloads a 135M model)")
+    p = sub.add_parser("gpu-smoke", parents=[common], help="short gpu-profile run on a CUDA machine (downloads a 135M model)")
     p.add_argument("--steps", type=int, default=20)
     p.set_defaults(func=cmd_gpu_smoke)
     return parser

@@ -13,13 +13,14 @@ def notebook_paths(names=()) -> list[Path]:
     root = _repo_root(Path.cwd().resolve())
     if root is None:
         raise FileNotFoundError("run this inside the course checkout (no pyproject.toml + course_utils/ found)")
-    all_nbs = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    # chapters, then the solution notebooks (exercise stubs stay unexecuted: a learner starts from a clean page)
+    all_nbs = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb")) + sorted((root / "solutions").glob("[0-9][0-9]_*.ipynb"))
     if not names:
         return all_nbs
     picked = []
     for name in names:
         p = Path(name)
-        matches = [p] if p.suffix == ".ipynb" and p.exists() else [nb for nb in all_nbs if nb.name.startswith(name)]
+        matches = [p.resolve()] if p.suffix == ".ipynb" and p.exists() else [nb for nb in all_nbs if nb.name.startswith(name)]
         if not matches:
             raise FileNotFoundError(f"no notebook matches {name!r}; have {[nb.name for nb in all_nbs]}")
         picked += matches

@@ -128,7 +128,7 @@ def train(
     model.train()
     bar = tqdm(total=last, initial=step, desc=f"pretrain[{cfg.objective}]", file=sys.stdout, ncols=100,
                disable=not cfg.progress, mininterval=1.0)
-    tokens, t0, loss_value = 0, time.perf_counter(), float("nan")
+    tokens, t0, eval_seconds, loss_value = 0, time.perf_counter(), 0.0, float("nan")
     while step < last:
         training.set_lr(optimizer, cfg.lr * training.warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         # masking randomness (prefix split, MLM corruption) is seeded by the step, so resume replays it
@@ -147,11 +147,14 @@ def train(
         loss_value = loss_sum / n_total
         step += 1
         bar.update(1)
-        if step % cfg.log_every == 0 or step == last:
+        do_eval = val_ds is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)
+        if do_eval or step % cfg.log_every == 0 or step == last:
             row = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                   "tokens_per_s": tokens / (time.perf_counter() - t0)}
-            if val_ds is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                   "tokens_per_s": tokens / (time.perf_counter() - t0 - eval_seconds)}
+            if do_eval:
+                t_eval = time.perf_counter()
                 ev = evaluate(model, val_ds, cfg.batch_size, cfg.eval_batches, dtype)
+                eval_seconds += time.perf_counter() - t_eval  # throughput counts training time only
                 row.update(val_loss=ev["loss"], val_ppl=ev["ppl"])
             history.append({"step": step, **row})
             bar.set_postfix(loss=f"{loss_value:.3f}")
@@ -160,7 +163,7 @@ def train(
         if out_dir is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == stop_at):
             _save_step(out_dir, model, optimizer, step, history, cfg)
     bar.close()
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0 - eval_seconds
     return {"final_loss": loss_value, "steps": step, "history": history,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"), "seconds": elapsed}
 
@@ -204,21 +207,16 @@ def sample_prompts(val_docs: list, n: int = 4, words: int = 4) -> list[str]:
     return [" ".join(d["text"].split()[:words]) for d in val_docs[:n]]
 
 
-def fact_recall(model, tokenizer, sentences: list[str]) -> float:
-    """Share of facts the model completes correctly: "Pip lives in" → greedy → must start with "Mossbrook".
+def fact_recall(model, tokenizer, probes: list[tuple[str, str]]) -> float:
+    """Share of (prompt, answer) probes whose greedy continuation starts with the answer's first word.
 
-    Each sentence is cut before its last " is " / " in " / " likes "; the first word after it is the answer.
-    Perplexity says the model knows the *style* of the text; this says it knows the *facts*.
+    "This is Pip the fox. Pip lives in" → " Mossbrook." counts; perplexity says the model knows the
+    *style* of the text, this says it knows the *facts* (see ``world.fact_probes``).
     """
     from .generation import generate
 
-    prompts, answers = [], []
-    for s in sentences:
-        cut = max(s.rfind(c) + len(c) for c in (" is ", " in ", " likes "))
-        prompts.append(s[:cut].rstrip())
-        answers.append(s[cut:].split()[0].strip(".,"))
-    outs = generate(model, tokenizer, prompts, max_new_tokens=4, temperature=0)
-    hits = [o.split()[:1] == [a] for o, a in zip(outs, answers)]
+    outs = generate(model, tokenizer, [p for p, _ in probes], max_new_tokens=4, temperature=0)
+    hits = [[w.strip(".,!?") for w in out.split()[:1]] == answer.split()[:1] for out, (_, answer) in zip(outs, probes)]
     return sum(hits) / max(len(hits), 1)
 
 
@@ -249,9 +247,9 @@ def main(cfg: PretrainConfig | None = None, out_dir=None, tracker=None, log=prin
     prompts = sample_prompts(val_docs)
     facts = []
     if profile.offline:
-        from .world import fact_sentences
+        from .world import fact_probes
 
-        facts = fact_sentences()
+        facts = fact_probes()
     recall_before = fact_recall(model, tokenizer, facts) if facts else None
     before = evaluate(model, val_ds, cfg.batch_size, cfg.eval_batches, dtype)
     samples_before = generate(model, tokenizer, prompts, max_new_tokens=30, seed=cfg.seed)

@@ -97,13 +97,26 @@ ATTRIBUTES = ("town", "food", "colour", "friend")
 
 
 def fact_sentences() -> list[str]:
-    """Every fact of the world as one canonical sentence (handy for probing a model)."""
+    """Every fact of the world as one canonical sentence."""
+    return [f"{prompt} {answer}." for prompt, answer in fact_probes(context=False)]
+
+
+def fact_probes(context: bool = True) -> list[tuple[str, str]]:
+    """Every fact as (prompt, answer): does a model complete "Pip lives in" with "Mossbrook"?
+
+    With ``context=True`` each prompt opens the way the corpus does ("This is Pip the fox. Pip lives
+    in", "Here are some sums. 3 plus 4 is"), which reveals nothing of the answer but puts the model
+    in the situation where it met the fact; a bare "Pip lives in" right after BOS never occurs in
+    the corpus, so it probes a different (and harder) thing.
+    """
     out = []
     for c in CHARACTERS:
-        out += [f"{c.name} lives in {c.town}.", f"{c.name} likes {c.food}.", f"{c.name} is {c.colour}.",
-                f"{c.name}'s friend is {BY_NAME[c.friend].full_name}."]
-    out += [f"{a} plus {b} is {a + b}." for a in range(10) for b in range(10)]
-    out += [f"The opposite of {w} is {o}." for w, o in OPPOSITE.items()]
+        intro = f"This is {c.full_name}. " if context else ""
+        out += [(f"{intro}{c.name} lives in", c.town), (f"{intro}{c.name} likes", c.food),
+                (f"{intro}{c.name} is", c.colour), (f"{intro}{c.name}'s friend is", BY_NAME[c.friend].full_name)]
+    intro = "Here are some sums. " if context else ""
+    out += [(f"{intro}{a} plus {b} is", str(a + b)) for a in range(10) for b in range(10)]
+    out += [(f"The opposite of {w} is", o) for w, o in OPPOSITE.items()]
     return out
 
 

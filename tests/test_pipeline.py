@@ -102,3 +102,60 @@ def test_generate_stops_at_eos(make_model, tokenizer):
     model.config.tie_word_embeddings = False
     out = generate(model, tokenizer, ["Pip"], max_new_tokens=10, temperature=0)
     assert out == [""]
+
+
+def test_bad_corpus_fails_before_writing_anything(tmp_path, monkeypatch):
+    from course_utils import world
+    from course_utils.errors import DataError
+    from course_utils.pretrain import PretrainConfig, main
+
+    real = world.pretrain_corpus
+
+    def corpus_with_a_hole(seed, n, split="train"):
+        docs = real(seed, n, split)
+        docs[3] = {"id": docs[3]["id"], "text": None}
+        return docs
+
+    monkeypatch.setattr(world, "pretrain_corpus", corpus_with_a_hole)
+    with pytest.raises(DataError, match="record 3 is None"):
+        main(PretrainConfig.for_profile("smoke", progress=False), out_dir=tmp_path / "stage", log=lambda *_: None)
+    assert not (tmp_path / "stage").exists()
+
+
+def test_gpu_profile_code_path_runs_on_cpu(tmp_path, monkeypatch, tokenizer, make_model):
+    """Everything of the gpu profile except the downloads: hub rows → mapper → hub tokenizer/model → train → save.
+
+    The two network calls (datasets.load_dataset and from_pretrained of the hub id) are replaced by local
+    stand-ins; every line of course code between them runs as it would on a GPU machine.
+    """
+    import datasets
+    import transformers
+
+    from course_utils.io import read_jsonl
+    from course_utils.pretrain import PretrainConfig, main
+    from course_utils.tokenizer import save_tokenizer
+
+    rows = read_jsonl("tests/data/hub_samples/tinystories.jsonl") * 40
+    asked = []
+
+    def fake_load_dataset(name, split):
+        asked.append((name, split))
+        return [r for r in rows]
+
+    local, local_tok = tmp_path / "hub-model", tmp_path / "hub-tokenizer"
+    make_model().save_pretrained(local)
+    save_tokenizer(tokenizer, local_tok)
+    real_model_loader = transformers.AutoModelForCausalLM.from_pretrained
+    real_tok_loader = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda name, **kw: real_model_loader(local, **kw))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name, **kw: real_tok_loader(local_tok, **kw))
+
+    cfg = PretrainConfig.for_profile("gpu", max_steps=3, warmup_steps=1, batch_size=2, block_size=32,
+                                     eval_batches=1, eval_every=0, progress=False)
+    assert cfg.grad_accum == 4 and cfg.precision == "auto"  # the gpu preset's accumulation is exercised
+    metrics = main(cfg, out_dir=tmp_path / "stage", log=lambda *_: None)
+    assert asked == [("roneneldan/TinyStories", "train[:20000]"), ("roneneldan/TinyStories", "validation[:500]")]
+    assert metrics["steps"] == 3 and metrics["fact_recall_after"] is None  # no world facts for real data
+    assert (tmp_path / "stage" / "final" / "model.safetensors").exists()
