@@ -9,17 +9,14 @@ loads by name (see :mod:`course_utils.stages`).
 from __future__ import annotations
 
 import math
-import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import training
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import save_checkpoint
 from .data import make_dataloader, packed_ids, tokenize_and_pack
 from .errors import ConfigError
 from .objectives import OBJECTIVES, make_batch, shifted_targets, token_loss_sum
@@ -105,79 +102,35 @@ def train(
     stop_at: int | None = None,
     tracker=None,
 ) -> dict:
-    """Train ``model`` in place; return {"final_loss", "steps", "history", "tokens_per_s"}.
+    """Train ``model`` in place; return {"final_loss", "steps", "history", "tokens_per_s", "seconds"}.
 
     ``stop_at=k`` saves a checkpoint after step k and returns (as if the machine stopped);
     calling again with ``resume=True`` continues from the latest checkpoint in ``out_dir``
-    and ends exactly where an uninterrupted run would have.
+    and ends exactly where an uninterrupted run would have (see :func:`training.fit`).
     """
     cfg.validate()
-    device = next(model.parameters()).device
-    dtype = training.resolve_precision(cfg.precision, device)
-    optimizer = training.make_optimizer(model, cfg.lr, cfg.weight_decay)
-    out_dir = Path(out_dir) if out_dir else None
-    if (resume or stop_at or cfg.ckpt_every) and out_dir is None:
-        raise ConfigError("checkpointing (resume / stop_at / ckpt_every) needs an out_dir")
-    step, history = 0, []
-    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
-        step, history = state["step"], state.get("history", [])
-    last = stop_at if stop_at is not None else cfg.max_steps
-    # micro-batch i of the run is always the same rows: step s uses micro-batches s*A .. s*A+A-1
-    loader = iter(make_dataloader(train_ds, cfg.batch_size, cfg.seed, start=step * cfg.grad_accum))
-    model.train()
-    bar = tqdm(total=last, initial=step, desc=f"pretrain[{cfg.objective}]", file=sys.stdout, ncols=100,
-               disable=not cfg.progress, mininterval=1.0)
-    tokens, t0, eval_seconds, loss_value = 0, time.perf_counter(), 0.0, float("nan")
-    while step < last:
-        training.set_lr(optimizer, cfg.lr * training.warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+    loader = None
+
+    def micro_batches(step: int) -> list[dict]:
+        nonlocal loader
+        if loader is None:  # created at the first step actually run, which is later after a resume
+            # micro-batch i of the run is always the same rows: step s uses micro-batches s*A .. s*A+A-1
+            loader = iter(make_dataloader(train_ds, cfg.batch_size, cfg.seed, start=step * cfg.grad_accum))
         # masking randomness (prefix split, MLM corruption) is seeded by the step, so resume replays it
         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        batches = [make_batch(cfg.objective, next(loader)["input_ids"], tokenizer, gen) for _ in range(cfg.grad_accum)]
-        n_total = sum(int((b["labels"] != -100).sum()) for b in batches)  # label count of the whole step
-        loss_sum = 0.0
-        for b in batches:
-            with training.autocast(device, dtype):
-                logits = model(input_ids=b["input_ids"].to(device), attention_mask=_to(b["attention_mask"], device)).logits
-            s, _ = token_loss_sum(logits, b["labels"].to(device))
-            (s / n_total).backward()  # dividing by the step's total keeps accumulation exact
-            loss_sum += s.item()
-            tokens += b["input_ids"].numel()
-        grad_norm = training.optimizer_step(model, optimizer, cfg.grad_clip)
-        loss_value = loss_sum / n_total
-        step += 1
-        bar.update(1)
-        do_eval = val_ds is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)
-        if do_eval or step % cfg.log_every == 0 or step == last:
-            row = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                   "tokens_per_s": tokens / (time.perf_counter() - t0 - eval_seconds)}
-            if do_eval:
-                t_eval = time.perf_counter()
-                ev = evaluate(model, val_ds, cfg.batch_size, cfg.eval_batches, dtype)
-                eval_seconds += time.perf_counter() - t_eval  # throughput counts training time only
-                row.update(val_loss=ev["loss"], val_ppl=ev["ppl"])
-            history.append({"step": step, **row})
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-            if tracker is not None:
-                tracker.log(row, step)
-        if out_dir is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == stop_at):
-            _save_step(out_dir, model, optimizer, step, history, cfg)
-    bar.close()
-    elapsed = time.perf_counter() - t0 - eval_seconds
-    return {"final_loss": loss_value, "steps": step, "history": history,
-            "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"), "seconds": elapsed}
+        return [make_batch(cfg.objective, next(loader)["input_ids"], tokenizer, gen) for _ in range(cfg.grad_accum)]
 
+    def loss_sum(model, b):
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits  # (B, T, V)
+        return token_loss_sum(logits, b["labels"])
 
-def _to(x, device):
-    return None if x is None else x.to(device)
+    def held_out(model, dtype):
+        ev = evaluate(model, val_ds, cfg.batch_size, cfg.eval_batches, dtype)
+        return {"val_loss": ev["loss"], "val_ppl": ev["ppl"]}
 
-
-def _save_step(out_dir: Path, model, optimizer, step: int, history: list, cfg: PretrainConfig, keep: int = 2) -> Path:
-    path = save_checkpoint(out_dir / f"step_{step:06d}", model, optimizer, step, {"history": history, "config": asdict(cfg)})
-    old = sorted(out_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]
-    for p in old:
-        shutil.rmtree(p)
-    return path
+    return training.fit(cfg, model, micro_batches, loss_sum, lambda b: int((b["labels"] != -100).sum()),
+                        held_out if val_ds is not None else None, out_dir, resume, stop_at, tracker,
+                        desc=f"pretrain[{cfg.objective}]")
 
 
 def build_data(cfg: PretrainConfig, tokenizer=None):

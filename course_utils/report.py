@@ -31,6 +31,35 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ") or "∅"
 
 
+def _sft_section(sft: dict | None, out_dir: Path) -> list[str]:
+    if not sft:
+        return []
+    import matplotlib.pyplot as plt
+
+    fig = plot_history(sft["history"], keys=("loss",), title="SFT: loss on assistant tokens")
+    fig.savefig(out_dir / "plots" / "sft_loss.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    b, a = sft["before"], sft["after"]
+    rows = [("held-out accuracy (ground-truth judge)", "accuracy", "{:.0%}"),
+            ("… on the unseen phrasing", "accuracy_unseen_phrasing", "{:.0%}"),
+            ("mean true score (0–1)", "true_score", "{:.2f}"),
+            ("format compliance (EOS, template)", "format_compliance", "{:.0%}"),
+            ("stopped with EOS", "stopped_with_eos", "{:.0%}")]
+    lines = ["", "## SFT (指令微调)", "",
+             f"{sft['train_conversations']} conversations ({sft['config']['chat_format']}), {sft['steps']} steps; "
+             f"{b['n']} held-out prompts answered greedily and judged by the tiny world's scorer. "
+             f"Rows dropped for length: {sft['data']['dropped']}; prompts truncated: {sft['data']['truncated']}.", "",
+             "| metric | pretrained base | after SFT |", "|---|---|---|"]
+    lines += [f"| {name} | {fmt.format(b[k])} | {fmt.format(a[k])} |" for name, k, fmt in rows if k in a]
+    if "accuracy_by_family" in a:
+        lines += ["", "| task family | base | SFT |", "|---|---|---|"]
+        lines += [f"| {f} | {b['accuracy_by_family'].get(f, 0):.0%} | {v:.0%} |" for f, v in a["accuracy_by_family"].items()]
+    lines += ["", "![SFT loss](plots/sft_loss.png)", "", "### Samples before and after SFT (greedy)", "",
+              "| prompt | pretrained base | after SFT |", "|---|---|---|"]
+    lines += [f"| {_md_escape(s['prompt'])} | {_md_escape(s['before'])} | {_md_escape(s['after'])} |" for s in sft["samples"]]
+    return lines
+
+
 def write_report(out_dir, metrics: dict) -> Path:
     """Write report.md, metrics.json and plots/ under ``out_dir``; return the report path."""
     import matplotlib
@@ -65,6 +94,7 @@ def write_report(out_dir, metrics: dict) -> Path:
             "| prompt | before training | after training |", "|---|---|---|",
         ]
         lines += [f"| {_md_escape(s['prompt'])} | {_md_escape(s['before'])} | {_md_escape(s['after'])} |" for s in pre["samples"]]
+    lines += _sft_section(metrics["stages"].get("sft"), out_dir)
     report = out_dir / "report.md"
     with atomic_open(report) as f:
         f.write("\n".join(lines) + "\n")

@@ -3,7 +3,7 @@
 ``load_stage("base")`` returns the pretrained model and its tokenizer. If the
 checkpoint does not exist yet, it is built first (seconds in the ``smoke``
 profile, minutes in ``tiny``), so any notebook can start from any chapter.
-Later chapters add "sft", "rm", "ppo", "dpo" here.
+Later chapters add "rm", "ppo", "dpo" here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import ConfigError
 from .profiles import Profile, get_profile, runs_dir
 
-STAGES = {"base": "pretrain"}  # stage name -> folder under runs/<profile>/
+STAGES = {"base": "pretrain", "sft": "sft"}  # stage name -> folder under runs/<profile>/
 
 
 def stage_dir(stage: str, profile: Profile | str | None = None) -> Path:
@@ -24,12 +24,6 @@ def stage_dir(stage: str, profile: Profile | str | None = None) -> Path:
 
 def load_stage(stage: str, profile: Profile | str | None = None, build_if_missing: bool = True, device=None):
     """(model, tokenizer) of a finished stage; builds it first if missing and allowed."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from .checkpoint import verify_checkpoint
-    from .tokenizer import load_tokenizer
-
     profile = get_profile(profile if isinstance(profile, str) or profile is None else profile.name)
     final = stage_dir(stage, profile) / "final"
     if not (final / "manifest.json").exists():
@@ -40,7 +34,22 @@ def load_stage(stage: str, profile: Profile | str | None = None, build_if_missin
             from .pretrain import PretrainConfig, main
 
             main(PretrainConfig.for_profile(profile.name))
-    verify_checkpoint(final)
-    model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=False)
+        elif stage == "sft":
+            from .sft import SFTConfig, main
+
+            main(SFTConfig.for_profile(profile.name))
+    return load_model_dir(final, device)
+
+
+def load_model_dir(path, device=None):
+    """(model, tokenizer) from a verified checkpoint folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .checkpoint import verify_checkpoint
+    from .tokenizer import load_tokenizer
+
+    verify_checkpoint(path)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), load_tokenizer(final)
+    return model.to(device).eval(), load_tokenizer(path)

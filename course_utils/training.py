@@ -85,3 +85,95 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, gra
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- the loop every stage shares ------------------------------------------------------------------
+
+
+def fit(cfg, model, micro_batches, loss_sum, count, evaluate=None, out_dir=None, resume: bool = False,
+        stop_at: int | None = None, tracker=None, desc: str = "train") -> dict:
+    """Train ``model`` in place for ``cfg.max_steps`` optimizer steps; return the run's summary.
+
+    ``micro_batches(step)`` returns the ``cfg.grad_accum`` micro-batches (dicts of CPU tensors) of
+    optimizer step ``step``; it must depend only on ``step`` so that a resumed run sees the same data.
+    ``loss_sum(model, batch)`` returns (sum of token losses, token count); ``count(batch)`` the count
+    alone, known before the forward pass. Each micro-batch's sum is divided by the count of the *whole*
+    step, so accumulation gives exactly the gradient of one big batch.
+    ``evaluate(model, dtype)`` returns held-out metrics, logged every ``cfg.eval_every`` steps.
+
+    ``stop_at=k`` saves a checkpoint after step k and returns (as if the machine stopped);
+    ``resume=True`` continues from the latest checkpoint in ``out_dir`` exactly where it stopped.
+    ``cfg`` needs: lr, min_lr_ratio, warmup_steps, max_steps, weight_decay, grad_clip, grad_accum,
+    precision, log_every, eval_every, ckpt_every, progress.
+    """
+    import sys
+    import time
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .checkpoint import latest_checkpoint, load_checkpoint
+
+    device = next(model.parameters()).device
+    dtype = resolve_precision(cfg.precision, device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    out_dir = Path(out_dir) if out_dir else None
+    if (resume or stop_at or cfg.ckpt_every) and out_dir is None:
+        raise ConfigError("checkpointing (resume / stop_at / ckpt_every) needs an out_dir")
+    step, history = 0, []
+    if resume and (ckpt := latest_checkpoint(out_dir)) is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        step, history = state["step"], state.get("history", [])
+    last = stop_at if stop_at is not None else cfg.max_steps
+    model.train()
+    bar = tqdm(total=last, initial=step, desc=desc, file=sys.stdout, ncols=100, disable=not cfg.progress,
+               mininterval=1.0)
+    tokens, t0, eval_seconds, loss_value = 0, time.perf_counter(), 0.0, float("nan")
+    while step < last:
+        set_lr(optimizer, cfg.lr * warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        batches = micro_batches(step)
+        n_total = max(1, sum(count(b) for b in batches))  # label count of the whole step
+        step_loss = 0.0
+        for b in batches:
+            b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+            with autocast(device, dtype):
+                s, _ = loss_sum(model, b)
+            (s / n_total).backward()
+            step_loss += s.item()
+            tokens += b["input_ids"].numel()
+        grad_norm = optimizer_step(model, optimizer, cfg.grad_clip)
+        loss_value = step_loss / n_total
+        step += 1
+        bar.update(1)
+        do_eval = evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)
+        if do_eval or step % cfg.log_every == 0 or step == last:
+            row = {"loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                   "tokens_per_s": tokens / (time.perf_counter() - t0 - eval_seconds)}
+            if do_eval:
+                t_eval = time.perf_counter()
+                row.update(evaluate(model, dtype))
+                model.train()
+                eval_seconds += time.perf_counter() - t_eval  # throughput counts training time only
+            history.append({"step": step, **row})
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            if tracker is not None:
+                tracker.log(row, step)
+        if out_dir is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == stop_at):
+            _save_step(out_dir, model, optimizer, step, {"history": history, "config": asdict(cfg)})
+    bar.close()
+    elapsed = time.perf_counter() - t0 - eval_seconds
+    return {"final_loss": loss_value, "steps": step, "history": history,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else float("nan"), "seconds": elapsed}
+
+
+def _save_step(out_dir, model, optimizer, step: int, state: dict, keep: int = 2):
+    """Save ``out_dir/step_NNNNNN`` and delete all but the ``keep`` newest step folders."""
+    import shutil
+
+    from .checkpoint import save_checkpoint
+
+    path = save_checkpoint(out_dir / f"step_{step:06d}", model, optimizer, step, state)
+    for old in sorted(out_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
+        shutil.rmtree(old)
+    return path

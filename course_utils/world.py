@@ -189,9 +189,10 @@ def _task(family: str, content, tid: int) -> tuple[str, dict]:
         prompt, answer = TEMPLATES["add"][tid].format(a=a, b=b), str(a + b)
         reference, accept = f"{a} plus {b} is {a + b}.", [f"is {a + b}"]
     elif family == "repeat":
-        prompt = TEMPLATES["repeat"][tid].format(words=", ".join(content))
-        answer = " ".join(content)
-        reference, accept = f"{answer}.", [answer]
+        # the answer repeats the words exactly as the prompt wrote them (" cup, tree"): a pure copy
+        answer = ", ".join(content)
+        prompt = TEMPLATES["repeat"][tid].format(words=answer)
+        reference, accept = f"The words are {answer}.", [answer]
     elif family == "antonym":
         prompt, answer = TEMPLATES["antonym"][tid].format(w=content), OPPOSITE[content]
         reference, accept = f"The opposite of {content} is {answer}.", [answer]
@@ -288,9 +289,9 @@ def _wrong(meta: dict, rng: random.Random) -> str:
     """The reference with its answer swapped for a fluent but false one."""
     ref, answer, family = meta["reference"], meta["answer"], meta["family"]
     if family == "repeat":
-        words = answer.split()
+        words = answer.split(", ")
         words[rng.randrange(len(words))] = rng.choice([w for w in WORDS if w not in words])
-        return " ".join(words) + "."
+        return f"The words are {', '.join(words)}."
     if family == "add":
         options = [str(n) for n in range(19) if str(n) != answer]
     elif family == "antonym":
@@ -468,8 +469,46 @@ def _para_echo(rng):
     return " ".join(lines)
 
 
-PARAGRAPHS = {_para_profile: 0.25, _para_visit: 0.2, _para_town: 0.1, _para_add: 0.2,
-              _para_antonym: 0.15, _para_echo: 0.1}
+def _para_dialogue(rng):
+    """Characters ask and answer, one line each. Answers start a line, so the corpus also holds the
+    line-initial forms of words ("Pip", "7", "leaf" without a leading space are other tokens than
+    " Pip", " 7", " leaf"); a chat model's answer starts exactly like that."""
+    asker = rng.choice(CHARACTERS)
+    answerer = BY_NAME[asker.friend]
+    lines = []
+    for _ in range(rng.randint(2, 3)):
+        kind = rng.randrange(5)
+        c = rng.choice(CHARACTERS)
+        if kind == 0:
+            q, a = f"where does {c.name} live?", f"{c.name} lives in {c.town}."
+        elif kind == 1:
+            q, a = f"what does {c.name} like?", f"{c.name} likes {c.food}."
+        elif kind == 2:
+            x, y = rng.randrange(10), rng.randrange(10)
+            q, a = f"what is {x} plus {y}?", f"{x} plus {y} is {x + y}."
+        elif kind == 3:
+            w = rng.choice(list(OPPOSITE))
+            q, a = f"what is the opposite of {w}?", f"The opposite of {w} is {OPPOSITE[w]}."
+        else:
+            words = rng.sample(WORDS, rng.randint(2, 4))
+            q, a = f"say the words {', '.join(words)}.", f"The words are {', '.join(words)}."
+        lines.append(f"{asker.name} asked: {q}\n{answerer.name} answered:\n{a}")
+    return "\n".join(lines)
+
+
+def _para_list(rng):
+    """A list with one fact per line."""
+    if rng.random() < 0.5:
+        pairs = [(rng.randrange(10), rng.randrange(10)) for _ in range(rng.randint(3, 5))]
+        return "Sums:\n" + "\n".join(f"{a} plus {b} is {a + b}." for a, b in pairs)
+    people = rng.sample(CHARACTERS, 3)
+    facts = [rng.choice((f"{c.name} lives in {c.town}.", f"{c.name} likes {c.food}.", f"{c.name} is {c.colour}."))
+             for c in people]
+    return "Notes:\n" + "\n".join(facts)
+
+
+PARAGRAPHS = {_para_profile: 0.2, _para_visit: 0.15, _para_town: 0.08, _para_add: 0.15,
+              _para_antonym: 0.12, _para_echo: 0.08, _para_dialogue: 0.14, _para_list: 0.08}
 
 
 def pretrain_corpus(world_or_seed, n_docs: int, split: str = "train") -> list[dict]:

@@ -1,0 +1,272 @@
+"""Stage 2 — supervised instruction fine-tuning, SFT (指令微调).
+
+Start from the pretrained base, show it conversations in one chat format, and train only on
+the assistant's tokens. ``main(cfg)`` runs the whole stage: build data, measure the base model,
+train, measure again (held-out accuracy judged by the tiny world's ground truth, format
+compliance, samples), and save the ``sft`` checkpoint that the reward model and RLHF start from.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import training
+from .chat import FORMATS, OVERFLOW, encode, pad_batch, render, to_messages
+from .data import StepBatchSampler
+from .errors import ConfigError, DataError
+from .objectives import token_loss_sum
+from .profiles import get_profile
+from .tokenizer import IM_END, IM_START, require_pad_token
+
+
+@dataclass
+class SFTConfig:
+    # --- data and formatting
+    profile: str = "tiny"  # sizes and data come from this profile
+    seed: int = 0  # data order and sampling
+    chat_format: str = "chatml"  # "chatml" or "alpaca": how a conversation becomes text (use the same at inference!)
+    prompt_templates: str = "all"  # "all": every training phrasing of each task; "one": only phrasing 0 (ablation)
+    max_length: int = 128  # tokens per example; longer prompts are cut from the left, see chat.encode
+    on_overflow: str = "error"  # "error" or "drop": what to do with a row whose response alone exceeds max_length
+    loss_on_prompt: bool = False  # the classic bug, for demos: also train on the prompt tokens
+    add_eos: bool = True  # the other classic bug, for demos: without EOS the model never learns to stop
+    # --- optimisation
+    batch_size: int = 32  # conversations per micro-batch; lower it if you run out of memory...
+    grad_accum: int = 1  # ...and raise this to keep the effective batch
+    max_steps: int = 300  # optimizer steps
+    lr: float = 1e-3  # peak LR; fine-tuning a real 135M-7B model wants 1e-5..1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30  # linear warmup
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    precision: str = "auto"  # "auto" (bf16 on capable GPUs), "fp32" or "bf16"
+    # --- evaluation, logging, checkpoints
+    eval_examples: int = 400  # held-out prompts answered greedily and judged
+    max_new_tokens: int = 40  # generation budget per answer
+    eval_every: int = 0  # steps between held-out loss evaluations (0: none during training)
+    log_every: int = 10
+    ckpt_every: int = 0
+    progress: bool = True  # show a progress bar
+
+    @classmethod
+    def for_profile(cls, profile: str | None = None, **overrides) -> "SFTConfig":
+        p = get_profile(profile)
+        cfg = replace(cls(profile=p.name, seed=p.seed, max_length=p.model.context_length), **PRESETS[p.name])
+        return replace(cfg, **overrides)
+
+    def validate(self) -> None:
+        if self.chat_format not in FORMATS:
+            raise ConfigError(f"chat_format must be one of {FORMATS}, got {self.chat_format!r}")
+        if self.prompt_templates not in ("all", "one"):
+            raise ConfigError(f"prompt_templates must be 'all' or 'one', got {self.prompt_templates!r}")
+        if self.on_overflow not in OVERFLOW:
+            raise ConfigError(f"on_overflow must be one of {OVERFLOW}, got {self.on_overflow!r}")
+        for name in ("batch_size", "grad_accum", "max_steps", "max_length", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps >= self.max_steps:
+            raise ConfigError(f"warmup_steps={self.warmup_steps} must be < max_steps={self.max_steps}")
+        training.resolve_precision(self.precision, torch.device("cpu"))
+
+
+PRESETS = {
+    "smoke": dict(max_steps=20, batch_size=8, warmup_steps=2, eval_examples=16, max_new_tokens=16, log_every=5,
+                  on_overflow="drop"),
+    # verbose answers of the tiny world can exceed the 128-token context once tokenized: drop and count them
+    "tiny": dict(max_steps=300, batch_size=32, lr=3e-3, warmup_steps=30, eval_examples=400, on_overflow="drop"),
+    # a real base model: small LR, longer context, alpaca rows that do not fit are dropped
+    "gpu": dict(max_steps=300, batch_size=8, grad_accum=4, lr=2e-5, warmup_steps=30, max_length=512,
+                on_overflow="drop", eval_examples=100, max_new_tokens=128),
+}
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+
+def encode_records(records: list[dict], tokenizer, cfg: SFTConfig) -> tuple[list, dict]:
+    """Validate and tokenize every record; returns (examples, counts of truncated / dropped rows)."""
+    examples, counts = [], {"rows": len(records), "truncated": 0, "dropped": 0}
+    for i, rec in enumerate(records):
+        messages = to_messages(rec, i)
+        try:
+            enc = encode(messages, tokenizer, cfg.chat_format, cfg.max_length, cfg.loss_on_prompt, cfg.add_eos, row=i)
+        except DataError:
+            if cfg.on_overflow == "error":
+                raise
+            counts["dropped"] += 1
+            continue
+        counts["truncated"] += enc.truncated
+        examples.append(enc)
+    if not examples:
+        raise DataError("no SFT example is left to train on")
+    return examples, counts
+
+
+def build_records(cfg: SFTConfig) -> tuple[list[dict], list[dict]]:
+    """(train records, held-out evaluation records) for the profile."""
+    p = get_profile(cfg.profile)
+    if not p.offline:
+        from .hub_data import load_hub_dataset
+
+        name = p.hub_datasets["sft"]
+        rows = load_hub_dataset("alpaca", name, "train", p.world.sft_examples + cfg.eval_examples, errors="skip").records
+        return rows[cfg.eval_examples:], rows[: cfg.eval_examples]
+    from .world import sft_examples
+
+    if cfg.prompt_templates == "one":  # phrasing 0 only: draw more and keep those
+        train = [r for r in sft_examples(p.seed, 5 * p.world.sft_examples, "train") if r["meta"]["template_id"] == 0]
+        train = train[: p.world.sft_examples]
+    else:
+        train = sft_examples(p.seed, p.world.sft_examples, "train")
+    return train, sft_examples(p.seed, cfg.eval_examples, "test")
+
+
+# --- loss and training ---------------------------------------------------------------------------------
+
+
+def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, count) over labelled tokens; labels are unshifted (transformers' convention)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    return token_loss_sum(logits[:, :-1], batch["labels"][:, 1:])  # position t predicts token t+1
+
+
+def sft_loss(model, batch: dict) -> torch.Tensor:
+    """Masked mean cross-entropy over the assistant tokens (what TRL's SFTTrainer computes)."""
+    s, n = sft_loss_sum(model, batch)
+    return s / n.clamp(min=1)
+
+
+def train(cfg: SFTConfig, model, tokenizer, examples: list, out_dir=None, resume: bool = False,
+          stop_at: int | None = None, tracker=None) -> dict:
+    """Fine-tune ``model`` in place on encoded ``examples`` (right-padded batches)."""
+    cfg.validate()
+    pad = require_pad_token(tokenizer)
+    sampler = StepBatchSampler(len(examples), cfg.batch_size, cfg.seed)
+
+    def micro_batches(step: int) -> list[dict]:
+        return [pad_batch([examples[i] for i in sampler.indices(step * cfg.grad_accum + k)], pad, "right")
+                for k in range(cfg.grad_accum)]
+
+    return training.fit(cfg, model, micro_batches, sft_loss_sum, lambda b: int((b["labels"][:, 1:] != -100).sum()),
+                        None, out_dir, resume, stop_at, tracker, desc=f"sft[{cfg.chat_format}]")
+
+
+# --- evaluation ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, records: list[dict], fmt: str = "chatml", max_new_tokens: int = 40,
+                     batch_size: int = 64, padding_side: str = "left") -> list[dict]:
+    """Greedy answers to each record's prompt, batched. Returns {"text", "stopped", "raw"} per record.
+
+    ``padding_side="right"`` is here to show the bug: with right padding, a short prompt's last
+    position is a pad token, and generation continues from the padding instead of from the prompt.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    pad = require_pad_token(tokenizer)
+    prompts = [render(to_messages(r, i)[:-1], tokenizer, fmt, add_generation_prompt=True)[0] for i, r in enumerate(records)]
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
+        T = max(map(len, ids))
+        if padding_side == "left":
+            x = torch.tensor([[pad] * (T - len(i)) + i for i in ids])
+            mask = torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids])
+        else:
+            x = torch.tensor([i + [pad] * (T - len(i)) for i in ids])
+            mask = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i in ids])
+        limit = getattr(model.config, "max_position_embeddings", T + max_new_tokens)
+        gen = model.generate(input_ids=x.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max(1, min(max_new_tokens, limit - T)), eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=pad)
+        for row in gen[:, T:].tolist():
+            stopped = tokenizer.eos_token_id in row
+            row = row[: row.index(tokenizer.eos_token_id)] if stopped else row
+            row = [t for t in row if t != pad]
+            raw = tokenizer.decode(row, skip_special_tokens=False)
+            out.append({"text": tokenizer.decode(row, skip_special_tokens=True).strip(), "stopped": stopped, "raw": raw})
+    return out
+
+
+def follows_format(answer: dict, fmt: str) -> bool:
+    """Stopped with EOS, closed its turn the way the template does, and did not start a new turn."""
+    raw = answer["raw"]
+    if not answer["stopped"] or IM_START in raw or "### Instruction" in raw or "### Response" in raw:
+        return False
+    return raw.rstrip().endswith(IM_END) if fmt == "chatml" else IM_END not in raw
+
+
+def evaluate(model, tokenizer, records: list[dict], cfg: SFTConfig, fmt: str | None = None) -> dict:
+    """Accuracy (ground-truth judge), mean true score, format compliance, per held-out phrasing."""
+    from .world import score_response
+
+    fmt = fmt or cfg.chat_format
+    answers = generate_answers(model, tokenizer, records, fmt, cfg.max_new_tokens)
+    fmt_ok = [follows_format(a, fmt) for a in answers]
+    result = {"format_compliance": sum(fmt_ok) / len(fmt_ok), "stopped_with_eos": sum(a["stopped"] for a in answers) / len(answers),
+              "n": len(records), "answers": [a["text"] for a in answers]}
+    judged = [(r, a) for r, a in zip(records, answers) if r.get("meta", {}).get("accept") is not None
+              and r.get("family") != "alpaca"]
+    if judged:  # the tiny world knows the right answers; real alpaca data does not
+        scores = [score_response(r["meta"], a["text"]) for r, a in judged]
+        result["accuracy"] = sum(s.correct for s in scores) / len(scores)
+        result["true_score"] = sum(s.total for s in scores) / len(scores)
+        held = [s.correct for (r, _), s in zip(judged, scores) if r["meta"]["template_id"] == 4]
+        seen = [s.correct for (r, _), s in zip(judged, scores) if r["meta"]["template_id"] != 4]
+        result["accuracy_unseen_phrasing"] = sum(held) / max(1, len(held))
+        result["accuracy_seen_phrasing"] = sum(seen) / max(1, len(seen))
+        families = sorted({r["family"] for r, _ in judged})
+        result["accuracy_by_family"] = {f: sum(s.correct for (r, _), s in zip(judged, scores) if r["family"] == f)
+                                        / sum(r["family"] == f for r, _ in judged) for f in families}
+    return result
+
+
+# --- the stage -----------------------------------------------------------------------------------------
+
+
+def main(cfg: SFTConfig | None = None, out_dir=None, tracker=None, log=print, base=None) -> dict:
+    """Run the SFT stage from the pretrained base; save ``<out_dir>/final``. Returns metrics."""
+    from .checkpoint import save_checkpoint
+    from .stages import load_stage, stage_dir
+
+    cfg = cfg or SFTConfig.for_profile()
+    cfg.validate()
+    p = get_profile(cfg.profile)
+    out_dir = Path(out_dir) if out_dir else stage_dir("sft", p)
+    t0 = time.perf_counter()
+    model, tokenizer = base if base is not None else load_stage("base", p)
+    train_records, eval_records = build_records(cfg)
+    examples, counts = encode_records(train_records, tokenizer, cfg)
+    n_tokens = sum(len(e.input_ids) for e in examples)
+    log(f"  SFT data: {len(examples)} conversations ({n_tokens / len(examples):.0f} tokens on average), "
+        f"format {cfg.chat_format}, prompt templates: {cfg.prompt_templates}; truncated {counts['truncated']}, "
+        f"dropped {counts['dropped']}")
+    before = evaluate(model, tokenizer, eval_records, cfg)
+    log(f"  base model on {len(eval_records)} held-out prompts: " + _summary(before))
+    result = train(cfg, model, tokenizer, examples, tracker=tracker)
+    after = evaluate(model, tokenizer, eval_records, cfg)
+    log(f"  after {result['steps']} SFT steps ({result['seconds']:.0f} s): " + _summary(after))
+    save_checkpoint(out_dir / "final", model, step=result["steps"], tokenizer=tokenizer,
+                    state={"history": result["history"], "config": asdict(cfg)})
+    samples = [{"prompt": r["prompt"] if "prompt" in r else to_messages(r, i)[-2]["content"],
+                "before": b, "after": a}
+               for i, (r, b, a) in enumerate(zip(eval_records[:6], before["answers"], after["answers"]))]
+    strip = lambda d: {k: v for k, v in d.items() if k != "answers"}  # noqa: E731
+    return {"before": strip(before), "after": strip(after), "data": counts, "train_conversations": len(examples),
+            "steps": result["steps"], "final_train_loss": result["final_loss"], "history": result["history"],
+            "tokens_per_s": result["tokens_per_s"], "seconds": time.perf_counter() - t0, "samples": samples,
+            "checkpoint": str(out_dir / "final"), "config": asdict(cfg)}
+
+
+def _summary(ev: dict) -> str:
+    parts = [f"format compliance {ev['format_compliance']:.0%}"]
+    if "accuracy" in ev:
+        parts = [f"accuracy {ev['accuracy']:.0%} (unseen phrasing {ev['accuracy_unseen_phrasing']:.0%})",
+                 f"true score {ev['true_score']:.2f}"] + parts
+    return ", ".join(parts)
