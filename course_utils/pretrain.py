@@ -56,12 +56,7 @@ class PretrainConfig:
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("batch_size", "grad_accum", "max_steps", "block_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps >= self.max_steps:
-            raise ConfigError(f"warmup_steps={self.warmup_steps} must be < max_steps={self.max_steps}")
-        training.resolve_precision(self.precision, torch.device("cpu"))
+        training.validate_optim(self, ("batch_size", "grad_accum", "max_steps", "block_size"))
 
 
 PRESETS = {

@@ -65,12 +65,7 @@ class SFTConfig:
             raise ConfigError(f"prompt_templates must be 'all' or 'one', got {self.prompt_templates!r}")
         if self.on_overflow not in OVERFLOW:
             raise ConfigError(f"on_overflow must be one of {OVERFLOW}, got {self.on_overflow!r}")
-        for name in ("batch_size", "grad_accum", "max_steps", "max_length", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps >= self.max_steps:
-            raise ConfigError(f"warmup_steps={self.warmup_steps} must be < max_steps={self.max_steps}")
-        training.resolve_precision(self.precision, torch.device("cpu"))
+        training.validate_optim(self, ("batch_size", "grad_accum", "max_steps", "max_length", "max_new_tokens"))
 
 
 PRESETS = {

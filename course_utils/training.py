@@ -66,6 +66,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def validate_optim(cfg, positive=("batch_size", "grad_accum", "max_steps")) -> None:
+    """Checks every stage config shares: positive sizes, warmup shorter than training, a known precision."""
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.warmup_steps >= cfg.max_steps:
+        raise ConfigError(f"warmup_steps={cfg.warmup_steps} must be < max_steps={cfg.max_steps}")
+    resolve_precision(cfg.precision, torch.device("cpu"))
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -173,3 +173,27 @@ def test_sft_stage_end_to_end_smoke(tmp_path):
     assert len(metrics["samples"]) == 6
     model, tok = load_stage("base", "smoke", build_if_missing=False)  # the base was built on the way
     assert model is not None
+
+
+def test_gpu_profile_sft_path_runs_on_cpu(monkeypatch, tmp_path, make_model, tokenizer):
+    """The gpu profile's SFT code on CPU: alpaca rows → mapper → ChatML → train → format compliance (no judge)."""
+    import datasets
+
+    from course_utils.io import read_jsonl
+    from course_utils.sft import main
+
+    rows = [r for r in read_jsonl("tests/data/hub_samples/alpaca.jsonl")] * 30
+    asked = []
+
+    def fake_load_dataset(name, split):
+        asked.append((name, split))
+        return rows
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = SFTConfig.for_profile("gpu", max_steps=2, warmup_steps=1, batch_size=2, eval_examples=4,
+                                max_new_tokens=4, progress=False)
+    assert cfg.grad_accum == 4 and cfg.on_overflow == "drop"
+    metrics = main(cfg, out_dir=tmp_path / "sft", log=lambda *_: None, base=(make_model(), tokenizer))
+    assert asked and asked[0][0] == "yahma/alpaca-cleaned"
+    assert "format_compliance" in metrics["after"] and "accuracy" not in metrics["after"]  # real data has no judge
+    assert metrics["steps"] == 2 and (tmp_path / "sft" / "final" / "model.safetensors").exists()
