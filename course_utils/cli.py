@@ -104,6 +104,9 @@ def cmd_grade(args) -> int:
     if target.suffix != ".ipynb":
         root = _repo_root(Path.cwd().resolve()) or Path.cwd()
         folder = root / ("solutions" if args.solutions else "exercises")
+        if not args.target.isdigit():
+            print(f"error: {args.target!r} is neither a chapter number nor a .ipynb path", file=sys.stderr)
+            return 2
         matches = sorted(folder.glob(f"{int(args.target):02d}_*.ipynb"))
         if not matches:
             print(f"error: no notebook for chapter {args.target} in {folder}", file=sys.stderr)

@@ -301,3 +301,13 @@ def test_notebook_that_never_ends_is_cut_off(tmp_path):
     t0 = time.monotonic()
     status, _ = execute_notebook(path, timeout=8)
     assert status.startswith("timeout") and time.monotonic() - t0 < 20
+
+
+def test_cli_grade_rejects_unclear_targets(tmp_path, capsys):
+    from course_utils.cli import main as cli
+
+    assert cli(["grade", "abc"]) == 2
+    odd = tmp_path / "notes.ipynb"
+    odd.write_text("{}")
+    assert cli(["grade", str(odd)]) == 2
+    assert "NN_title.ipynb" in capsys.readouterr().err

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import ConfigError
 from .core import Result, chapter_tasks
 
 OUTPUT_CAP = 20_000  # characters of learner output kept for the report
@@ -53,7 +54,7 @@ class GradeReport:
 def chapter_of(path: Path) -> str:
     m = re.match(r"(\d\d)_", path.name)
     if not m:
-        raise ValueError(f"cannot tell the chapter of {path.name}: exercise notebooks are named NN_title.ipynb")
+        raise ConfigError(f"cannot tell the chapter of {path.name}: exercise notebooks are named NN_title.ipynb")
     return m.group(1)
 
 
