@@ -12,9 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .errors import ConfigError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -116,15 +123,6 @@ def fit(cfg, model, micro_batches, loss_sum, count, evaluate=None, out_dir=None,
     ``cfg`` needs: lr, min_lr_ratio, warmup_steps, max_steps, weight_decay, grad_clip, grad_accum,
     precision, log_every, eval_every, ckpt_every, progress.
     """
-    import sys
-    import time
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from .checkpoint import latest_checkpoint, load_checkpoint
-
     device = next(model.parameters()).device
     dtype = resolve_precision(cfg.precision, device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -179,10 +177,6 @@ def fit(cfg, model, micro_batches, loss_sum, count, evaluate=None, out_dir=None,
 
 def _save_step(out_dir, model, optimizer, step: int, state: dict, keep: int = 2):
     """Save ``out_dir/step_NNNNNN`` and delete all but the ``keep`` newest step folders."""
-    import shutil
-
-    from .checkpoint import save_checkpoint
-
     path = save_checkpoint(out_dir / f"step_{step:06d}", model, optimizer, step, state)
     for old in sorted(out_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
         shutil.rmtree(old)
