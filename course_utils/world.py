@@ -93,8 +93,15 @@ ANTONYMS = (("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"
             ("day", "night"), ("wet", "dry"), ("old", "young"), ("loud", "quiet"), ("light", "dark"),
             ("full", "empty"), ("early", "late"))
 OPPOSITE = {**dict(ANTONYMS), **{b: a for a, b in ANTONYMS}}
+# Sixty plain nouns for the copy task. Many, on purpose: with only a handful, every word recurs all
+# over a context window, "find this word earlier and copy what followed it" is ambiguous, and a
+# tiny model never forms the induction heads that copying needs within a CPU budget.
 WORDS = ("apple", "bell", "boat", "cloud", "cup", "drum", "egg", "feather", "gate", "hat",
-         "kite", "lamp", "moon", "nest", "pebble", "rain", "shoe", "star", "tree", "leaf")
+         "kite", "lamp", "moon", "nest", "pebble", "rain", "shoe", "star", "tree", "leaf",
+         "box", "pen", "key", "ring", "coin", "door", "sock", "cap", "bag", "map",
+         "rope", "sail", "fork", "spoon", "bowl", "chair", "desk", "book", "clock", "brush",
+         "comb", "vase", "jar", "net", "pot", "mug", "bench", "flag", "horn", "wheel",
+         "ladder", "bucket", "candle", "button", "glove", "scarf", "basket", "wagon", "whistle", "mitten")
 ATTRIBUTES = ("town", "food", "colour", "friend")
 
 
@@ -194,7 +201,7 @@ def _task(family: str, content, tid: int) -> tuple[str, dict]:
         # the answer repeats the words exactly as the prompt wrote them (" cup, tree"): a pure copy
         answer = ", ".join(content)
         prompt = TEMPLATES["repeat"][tid].format(words=answer)
-        reference, accept = f"The words are {answer}.", [answer]
+        reference, accept = f"The words are: {answer}.", [answer]
     elif family == "antonym":
         prompt, answer = TEMPLATES["antonym"][tid].format(w=content), OPPOSITE[content]
         reference, accept = f"The opposite of {content} is {answer}.", [answer]
@@ -293,7 +300,7 @@ def _wrong(meta: dict, rng: random.Random) -> str:
     if family == "repeat":
         words = answer.split(", ")
         words[rng.randrange(len(words))] = rng.choice([w for w in WORDS if w not in words])
-        return f"The words are {', '.join(words)}."
+        return f"The words are: {', '.join(words)}."
     if family == "add":
         options = [str(n) for n in range(19) if str(n) != answer]
     elif family == "antonym":
@@ -388,7 +395,7 @@ def _para_echo(rng):
     f = BY_NAME[c.friend]
     lines = []
     for speaker, listener in ((c, f), (f, c)):
-        words = " ".join(rng.sample(WORDS, rng.randint(2, 4)))
+        words = ", ".join(rng.sample(WORDS, rng.randint(2, 6)))
         lines.append(f"{speaker.name} said: {words}. {listener.name} said the words again: {words}.")
     return " ".join(lines)
 
@@ -415,7 +422,7 @@ def _para_dialogue(rng):
             q, a = f"what is the opposite of {w}?", f"The opposite of {w} is {OPPOSITE[w]}."
         else:
             words = rng.sample(WORDS, rng.randint(2, 4))
-            q, a = f"say the words {', '.join(words)}.", f"The words are {', '.join(words)}."
+            q, a = f"say the words {', '.join(words)}.", f"The words are: {', '.join(words)}."
         lines.append(f"{asker.name} asked: {q}\n{answerer.name} answered:\n{a}")
     return "\n".join(lines)
 
@@ -432,7 +439,7 @@ def _para_list(rng):
 
 
 PARAGRAPHS = {_para_profile: 0.2, _para_visit: 0.15, _para_town: 0.08, _para_add: 0.15,
-              _para_antonym: 0.12, _para_echo: 0.08, _para_dialogue: 0.14, _para_list: 0.08}
+              _para_antonym: 0.12, _para_echo: 0.2, _para_dialogue: 0.14, _para_list: 0.08}
 
 
 def pretrain_corpus(world_or_seed, n_docs: int, split: str = "train") -> list[dict]:

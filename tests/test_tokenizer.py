@@ -25,8 +25,10 @@ def test_byte_level_roundtrip_is_lossless(tokenizer, text):
 
 
 def test_bpe_compresses_the_corpus(tokenizer, corpus):
-    text = corpus[1][0]["text"]
-    assert len(tokenizer(text)["input_ids"]) < 0.6 * len(text.encode())  # merges beat raw bytes
+    # the smoke vocabulary has only ~60 merges, yet it must cut held-out text well below one token per byte
+    texts = [d["text"] for d in corpus[1]]
+    n_tokens = sum(len(tokenizer(t)["input_ids"]) for t in texts)
+    assert n_tokens < 0.7 * sum(len(t.encode()) for t in texts)
 
 
 def test_chat_template_places_bos_and_eos(tokenizer):
