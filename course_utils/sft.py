@@ -44,6 +44,14 @@ class SFTConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     precision: str = "auto"  # "auto" (bf16 on capable GPUs), "fp32" or "bf16"
+    # --- parameter-efficient fine-tuning (chapter 04): one flag switches the stage to LoRA or QLoRA
+    peft: str = "none"  # "none": full fine-tuning; "lora": frozen base + LoRA; "qlora": 4-bit NF4 base + LoRA
+    lora_r: int = 8  # rank of each update B @ A
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"  # "all-linear" or comma-separated module names, e.g. "q_proj,v_proj"
+    lora_lr: float = 0.0  # peak LR when peft != "none" (0: keep `lr`); LoRA usually wants a higher LR than full FT
+    lora_train_tokens: bool = True  # also train the embedding rows of the chat special tokens (see apply_peft)
     # --- evaluation, logging, checkpoints
     eval_examples: int = 400  # held-out prompts answered greedily and judged
     max_new_tokens: int = 40  # generation budget per answer
@@ -66,16 +74,30 @@ class SFTConfig:
         if self.on_overflow not in OVERFLOW:
             raise ConfigError(f"on_overflow must be one of {OVERFLOW}, got {self.on_overflow!r}")
         training.validate_optim(self, ("batch_size", "grad_accum", "max_steps", "max_length", "max_new_tokens"))
+        if self.peft not in PEFT_MODES:
+            raise ConfigError(f"peft must be one of {PEFT_MODES}, got {self.peft!r}")
+        if self.peft != "none" and (self.lora_r <= 0 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1):
+            raise ConfigError(f"LoRA needs lora_r > 0, lora_alpha > 0 and 0 <= lora_dropout < 1; got r={self.lora_r}, "
+                              f"alpha={self.lora_alpha}, dropout={self.lora_dropout}")
+
+    def target_modules(self):
+        """``lora_targets`` in the form PEFT's ``LoraConfig(target_modules=...)`` takes."""
+        t = self.lora_targets.strip()
+        return t if t == "all-linear" else [x.strip() for x in t.split(",") if x.strip()]
+
+
+PEFT_MODES = ("none", "lora", "qlora")
 
 
 PRESETS = {
     "smoke": dict(max_steps=20, batch_size=8, warmup_steps=2, eval_examples=16, max_new_tokens=16, log_every=5,
                   on_overflow="drop"),
     # verbose answers of the tiny world can exceed the 128-token context once tokenized: drop and count them
-    "tiny": dict(max_steps=300, batch_size=32, lr=3e-3, warmup_steps=30, eval_examples=400, on_overflow="drop"),
+    "tiny": dict(max_steps=300, batch_size=32, lr=3e-3, warmup_steps=30, eval_examples=400, on_overflow="drop",
+                 lora_lr=1e-2),  # measured: LoRA r=8 reaches 63% held-out accuracy at 1e-2, 44% at 3e-3
     # a real base model: small LR, longer context, alpaca rows that do not fit are dropped
     "gpu": dict(max_steps=300, batch_size=8, grad_accum=4, lr=2e-5, warmup_steps=30, max_length=512,
-                on_overflow="drop", eval_examples=100, max_new_tokens=128),
+                on_overflow="drop", eval_examples=100, max_new_tokens=128, lora_r=16, lora_alpha=32.0, lora_lr=2e-4),
 }
 
 
@@ -146,8 +168,76 @@ def train(cfg: SFTConfig, model, tokenizer, examples: list, out_dir=None, resume
         return [pad_batch([examples[i] for i in sampler.indices(step * cfg.grad_accum + k)], pad, "right")
                 for k in range(cfg.grad_accum)]
 
+    if cfg.peft != "none" and cfg.lora_lr > 0:
+        cfg = replace(cfg, lr=cfg.lora_lr)
     return training.fit(cfg, model, micro_batches, sft_loss_sum, lambda b: int((b["labels"][:, 1:] != -100).sum()),
                         None, out_dir, resume, stop_at, tracker, desc=f"sft[{cfg.chat_format}]")
+
+
+# --- parameter-efficient variants (chapter 04) ----------------------------------------------------------
+
+
+def apply_peft(model, cfg: SFTConfig, tokenizer=None):
+    """The model the stage trains: ``model`` itself, or a PEFT LoRA model over a frozen (or 4-bit) copy of it.
+
+    ``qlora`` re-loads the same weights through transformers' ``BitsAndBytesConfig`` (NF4, double
+    quantization, compute dtype fp32 on CPU / bf16 on a bf16 GPU), then runs PEFT's
+    ``prepare_model_for_kbit_training`` (norms and embeddings to fp32, input gradients on) before adding
+    LoRA. ``model`` is never modified in that case.
+    """
+    if cfg.peft == "none":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.peft == "qlora":
+        from .quant import load_4bit
+
+        device = next(model.parameters()).device
+        dtype = training.resolve_precision(cfg.precision, device) or torch.float32
+        model = load_4bit(model, compute_dtype=dtype, device_map=str(device))
+        # gradient checkpointing trades compute for activation memory; the tiny model does not need it
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # The chat markers (<|im_start|>, <|im_end|>, EOS) never occur in pretraining text, so their embedding rows
+    # (tied to the output layer) are still random. LoRA on the Linear layers cannot fix a row of the embedding:
+    # the model cannot learn to *predict* <|im_end|> and EOS. PEFT's trainable_token_indices trains just those rows.
+    tokens = _chat_token_ids(tokenizer) if cfg.lora_train_tokens and tokenizer is not None else None
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.target_modules(), task_type="CAUSAL_LM", trainable_token_indices=tokens)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:  # PEFT's message for targets that match nothing
+        raise ConfigError(f"lora_targets={cfg.lora_targets!r}: {e}") from e
+
+
+def _chat_token_ids(tokenizer) -> list[int]:
+    """Ids of the special tokens a chat format writes: BOS, EOS, <|im_start|>, <|im_end|> (those the vocabulary has)."""
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id}
+    vocab = tokenizer.get_vocab()
+    ids |= {vocab[t] for t in (IM_START, IM_END) if t in vocab}
+    return sorted(i for i in ids if i is not None)
+
+
+def merged_model(trained, cfg: SFTConfig, full_precision_base=None):
+    """A plain model with the LoRA update folded in, for saving and for the later stages.
+
+    LoRA: merge into the frozen base (``merge_and_unload``). QLoRA: the trained adapter is merged into
+    the *full-precision* base it was quantized from (what practitioners ship), not into the 4-bit weights;
+    that base is modified in place and returned.
+    """
+    if cfg.peft == "none":
+        return trained
+    if cfg.peft == "lora":
+        return trained.merge_and_unload()
+    if full_precision_base is None:
+        raise ConfigError("merging a QLoRA adapter needs the full-precision base model it was trained on")
+    import copy
+
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    # the same adapter layout (targets, rank, token rows) on the fp32 base, then the trained values
+    fresh = get_peft_model(full_precision_base, copy.deepcopy(trained.peft_config["default"]))
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(trained))
+    return fresh.merge_and_unload()
 
 
 # --- evaluation ----------------------------------------------------------------------------------------
@@ -244,9 +334,15 @@ def main(cfg: SFTConfig | None = None, out_dir=None, tracker=None, log=print, ba
         f"dropped {counts['dropped']}")
     before = evaluate(model, tokenizer, eval_records, cfg)
     log(f"  base model on {len(eval_records)} held-out prompts: " + _summary(before))
-    result = train(cfg, model, tokenizer, examples, tracker=tracker)
-    after = evaluate(model, tokenizer, eval_records, cfg)
+    trained = apply_peft(model, cfg, tokenizer)
+    trainable, total = _trainable(trained)
+    if cfg.peft != "none":
+        log(f"  {cfg.peft}: r={cfg.lora_r}, alpha={cfg.lora_alpha}, targets {cfg.lora_targets}; "
+            f"{trainable:,} of {total:,} parameters trainable ({trainable / total:.2%})")
+    result = train(cfg, trained, tokenizer, examples, tracker=tracker)
+    after = evaluate(trained, tokenizer, eval_records, cfg)
     log(f"  after {result['steps']} SFT steps ({result['seconds']:.0f} s): " + _summary(after))
+    model = merged_model(trained, cfg, full_precision_base=model)
     save_checkpoint(out_dir / "final", model, step=result["steps"], tokenizer=tokenizer,
                     state={"history": result["history"], "config": asdict(cfg)})
     samples = [{"prompt": r["prompt"] if "prompt" in r else to_messages(r, i)[-2]["content"],
@@ -254,9 +350,17 @@ def main(cfg: SFTConfig | None = None, out_dir=None, tracker=None, log=print, ba
                for i, (r, b, a) in enumerate(zip(eval_records[:6], before["answers"], after["answers"]))]
     strip = lambda d: {k: v for k, v in d.items() if k != "answers"}  # noqa: E731
     return {"before": strip(before), "after": strip(after), "data": counts, "train_conversations": len(examples),
-            "steps": result["steps"], "final_train_loss": result["final_loss"], "history": result["history"],
+            "steps": result["steps"], "final_train_loss": result["final_loss"], "peft": cfg.peft,
+            "trainable_parameters": trainable, "total_parameters": total, "history": result["history"],
             "tokens_per_s": result["tokens_per_s"], "seconds": time.perf_counter() - t0, "samples": samples,
             "checkpoint": str(out_dir / "final"), "config": asdict(cfg)}
+
+
+def _trainable(model) -> tuple[int, int]:
+    """(trainable, total) parameters, tied tensors once, 4-bit packed weights counted as weights."""
+    from .lora import trainable_parameters
+
+    return trainable_parameters(model)
 
 
 def _summary(ev: dict) -> str:
