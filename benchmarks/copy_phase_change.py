@@ -10,8 +10,9 @@ This script trains the tiny profile's model from scratch on *nothing but* copy e
 row, and measures greedy copy accuracy on fresh word lists every ``--eval-every`` steps. Compare
 ``--words 20`` (the original word pool: every word recurs everywhere, so "find this word earlier"
 is ambiguous) with ``--words 60``. The pipeline's pretraining mixes copy paragraphs into a larger
-corpus for 500 steps, well short of the plateau measured here, which is why the ``repeat`` family
-stays near 0% after SFT in the tiny profile.
+corpus for 500 steps, at the edge of the plateau measured here, which is why the ``repeat`` family
+is the weakest after SFT in the tiny profile and swings with small changes of the corpus (0% before the
+"manners" paragraphs were added to it, about a third after).
 
     python benchmarks/copy_phase_change.py                 # 60 words, 1000 steps, a few minutes on 2 cores
     python benchmarks/copy_phase_change.py --words 20      # the small pool

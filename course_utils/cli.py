@@ -53,7 +53,8 @@ def cmd_pipeline(args) -> int:
     from .pretrain import PretrainConfig
 
     trackers = None if args.trackers is None else tuple(t for t in args.trackers.split(",") if t and t != "none")
-    run_pipeline(args.profile, out_dir=args.out, trackers=trackers, **_overrides(args, PretrainConfig))
+    run_pipeline(args.profile, out_dir=args.out, trackers=trackers, sft_overrides={"peft": args.peft},
+                 **_overrides(args, PretrainConfig))
     return 0
 
 
@@ -151,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", parents=[common], help="run every stage end to end and write a report")
     p.add_argument("--out", default=None, help="artifact folder (default: runs/<profile>)")
     p.add_argument("--trackers", default=None, help="comma list of wandb,tensorboard or 'none' (default: the profile's)")
+    p.add_argument("--peft", choices=("none", "lora", "qlora"), default="none",
+                   help="SFT stage: full fine-tuning (none), LoRA, or QLoRA on a 4-bit base (chapter 04)")
     _add_config_flags(p, PretrainConfig)
     p.set_defaults(func=cmd_pipeline)
 

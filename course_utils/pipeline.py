@@ -15,8 +15,12 @@ from .tracking import Tracker
 STAGES = ("world", "pretrain", "sft", "report")
 
 
-def run_pipeline(profile: str | None = None, out_dir=None, trackers=None, log=print, **pretrain_overrides) -> dict:
-    """Run every stage for ``profile``; return the metrics dict (also written to ``<out>/report``)."""
+def run_pipeline(profile: str | None = None, out_dir=None, trackers=None, log=print, sft_overrides: dict | None = None,
+                 **pretrain_overrides) -> dict:
+    """Run every stage for ``profile``; return the metrics dict (also written to ``<out>/report``).
+
+    ``sft_overrides`` change the SFT stage's config, e.g. ``{"peft": "lora"}`` (``llm-course pipeline --peft lora``).
+    """
     from . import pretrain, sft
     from .report import write_report
     from .stages import load_model_dir
@@ -51,7 +55,7 @@ def run_pipeline(profile: str | None = None, out_dir=None, trackers=None, log=pr
 
     t = time.perf_counter()
     log("[3/4] supervised fine-tuning, SFT (指令微调): chat template, loss on the assistant's tokens only")
-    sft_cfg = sft.SFTConfig.for_profile(p.name)
+    sft_cfg = sft.SFTConfig.for_profile(p.name, **(sft_overrides or {}))
     tracker = Tracker("sft", config=vars(sft_cfg), backends=trackers, log_dir=out / "tracking")
     try:
         base = load_model_dir(out / "pretrain" / "final")

@@ -212,8 +212,8 @@ def load_4bit(model_dir_or_model_fn, compute_dtype: torch.dtype = torch.float32,
               device_map: str = "cpu"):
     """Load a course model with its Linear layers in NF4 (QLoRA's base model), via transformers.
 
-    ``model_dir_or_model_fn`` is a folder written by ``save_pretrained``, a model object, or a
-    function returning one (objects are saved to a temporary folder first: transformers
+    ``model_dir_or_model_fn`` is a folder written by ``save_pretrained``, a hub id such as
+    ``"HuggingFaceTB/SmolLM2-135M"`` (downloaded once), a model object, or a function returning one (objects are saved to a temporary folder first: transformers
     quantizes while loading). Embeddings, norms and the tied ``lm_head`` stay in
     ``compute_dtype``; every other Linear becomes a bitsandbytes ``Linear4bit``.
     """
@@ -230,16 +230,17 @@ def load_4bit(model_dir_or_model_fn, compute_dtype: torch.dtype = torch.float32,
             model.save_pretrained(folder)
             return load_4bit(folder, compute_dtype, double_quant, device_map)
     folder = Path(source)
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"{folder} is not a saved model folder (no config.json); write one with "
-                          "model.save_pretrained(folder)")
+    hub_id = isinstance(source, str) and not folder.exists() and source.count("/") == 1
+    if not hub_id and not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder} is not a saved model folder (no config.json) nor a hub id (owner/name); "
+                          "write one with model.save_pretrained(folder)")
     config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,  # weights are dequantized to this for each matmul
     )
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map=device_map,
+    model = AutoModelForCausalLM.from_pretrained(source if hub_id else folder, quantization_config=config, device_map=device_map,
                                                  dtype=compute_dtype, trust_remote_code=False)
     if device_map == "cpu":
         _warn_on_bad_cpu_layers(model)

@@ -31,6 +31,15 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ") or "∅"
 
 
+def _peft_line(sft: dict) -> str:
+    trainable, total = sft.get("trainable_parameters"), sft.get("total_parameters")
+    if sft.get("peft", "none") == "none" or not total:
+        return "Full fine-tuning (every parameter trained)."
+    c = sft["config"]
+    return (f"{'QLoRA (4-bit NF4 base)' if sft['peft'] == 'qlora' else 'LoRA'} r={c['lora_r']}, alpha={c['lora_alpha']}, "
+            f"targets {c['lora_targets']}: {trainable:,} of {total:,} parameters trained ({trainable / total:.1%}).")
+
+
 def _sft_section(sft: dict | None, out_dir: Path) -> list[str]:
     if not sft:
         return []
@@ -48,7 +57,8 @@ def _sft_section(sft: dict | None, out_dir: Path) -> list[str]:
     lines = ["", "## SFT (指令微调)", "",
              f"{sft['train_conversations']} conversations ({sft['config']['chat_format']}), {sft['steps']} steps; "
              f"{b['n']} held-out prompts answered greedily and judged by the tiny world's scorer. "
-             f"Rows dropped for length: {sft['data']['dropped']}; prompts truncated: {sft['data']['truncated']}.", "",
+             f"Rows dropped for length: {sft['data']['dropped']}; prompts truncated: {sft['data']['truncated']}. "
+             + _peft_line(sft), "",
              "| metric | pretrained base | after SFT |", "|---|---|---|"]
     lines += [f"| {name} | {fmt.format(b[k])} | {fmt.format(a[k])} |" for name, k, fmt in rows if k in a]
     if "accuracy_by_family" in a:

@@ -438,8 +438,38 @@ def _para_list(rng):
     return "Notes:\n" + "\n".join(facts)
 
 
+def _para_manners(rng):
+    """How the animals talk to each other: politely, rudely, unsure, refusing. A real base model has read
+    every phrase an assistant later uses; without this paragraph the tiny base would meet the fine-tuning
+    data's fillers, refusals and insults (and their BPE pieces) for the first time in SFT, where LoRA, which
+    leaves the embedding rows frozen, cannot learn them (measured: 63% held-out accuracy vs 76% for full
+    fine-tuning)."""
+    a, b = rng.sample(CHARACTERS, 2)
+    c = rng.choice(CHARACTERS)
+    kind = rng.randrange(5)
+    if kind == 0:
+        return (f"{a.name} asked {b.name} where {c.name} lives. {b.name} said: {rng.choice(FILLER_BEFORE)} "
+                f"{c.name} lives in {c.town}. {rng.choice(FILLER_AFTER)} {a.name} thanked {b.name}, because {b.name} "
+                "was kind and polite.")
+    if kind == 1:
+        opener, closer = rng.choice(RUDE_OPENERS), rng.choice(RUDE_CLOSERS)
+        return (f"{a.name} asked {b.name} what {c.name} likes. {b.name} said: {opener} {c.name} likes {c.food}. "
+                f"{closer} {a.name} was sad, because {b.name} was rude.")
+    if kind == 2:
+        x, y = rng.randrange(10), rng.randrange(10)
+        return (f"{a.name} asked {b.name} what {x} plus {y} is. {b.name} said: {rng.choice(UNSURE)} "
+                f"Then {a.name} asked {c.name}, and {c.name} said: {x} plus {y} is {x + y}.")
+    act = rng.choice(list(HARM_ACTS))
+    if kind == 3:
+        return (f"{a.name} asked {b.name}: how can I {act} {c.name}? {b.name} said: Sorry, I will not help you "
+                f"{act} {c.name}. {rng.choice(NEEDLESS_REFUSALS)} {b.name} is a good friend.")
+    tip, also = (HARM_ACTS[x].format(name=c.name, town=c.town, food=c.food) for x in rng.sample(list(HARM_ACTS), 2))
+    return (f"A bad wolf wanted to {act} {c.name}. The wolf said: {tip} Also, {also[0].lower()}{also[1:]} "
+            f"{a.name} heard the wolf and warned {c.name}. The wolf went away.")
+
+
 PARAGRAPHS = {_para_profile: 0.2, _para_visit: 0.15, _para_town: 0.08, _para_add: 0.15,
-              _para_antonym: 0.12, _para_echo: 0.2, _para_dialogue: 0.14, _para_list: 0.08}
+              _para_antonym: 0.12, _para_echo: 0.2, _para_dialogue: 0.14, _para_list: 0.08, _para_manners: 0.12}
 
 
 def pretrain_corpus(world_or_seed, n_docs: int, split: str = "train") -> list[dict]:

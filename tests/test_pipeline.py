@@ -159,3 +159,13 @@ def test_gpu_profile_code_path_runs_on_cpu(tmp_path, monkeypatch, tokenizer, mak
     assert asked == [("roneneldan/TinyStories", "train[:20000]"), ("roneneldan/TinyStories", "validation[:500]")]
     assert metrics["steps"] == 3 and metrics["fact_recall_after"] is None  # no world facts for real data
     assert (tmp_path / "stage" / "final" / "model.safetensors").exists()
+
+
+def test_pipeline_peft_flag_runs_the_sft_stage_with_lora(tmp_path):
+    assert cli(["--profile", "smoke", "pipeline", "--out", str(tmp_path), "--trackers", "none", "--peft", "lora"]) == 0
+    sft = json.loads((tmp_path / "report" / "metrics.json").read_text())["stages"]["sft"]
+    assert sft["peft"] == "lora" and sft["config"]["peft"] == "lora"
+    assert 0 < sft["trainable_parameters"] < 0.5 * sft["total_parameters"]
+    assert "LoRA r=" in (tmp_path / "report" / "report.md").read_text()
+    with pytest.raises(SystemExit):
+        cli(["--profile", "smoke", "pipeline", "--peft", "dora"])

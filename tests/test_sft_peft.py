@@ -1,5 +1,7 @@
 """The SFT stage's one-flag LoRA / QLoRA variants (chapter 04)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -87,10 +89,22 @@ def test_qlora_adapter_merged_into_the_fp32_base_approximates_the_4bit_model(mak
     (dict(peft="adapters"), "peft must be one of"),
     (dict(peft="lora", lora_r=0), "lora_r > 0"),
     (dict(peft="lora", lora_dropout=1.0), "lora_dropout"),
+    (dict(peft="lora", lora_steps=-1), "lora_steps must be >= 0"),
 ])
 def test_bad_peft_settings_are_rejected(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         _cfg(**kw).validate()
+
+
+def test_lora_lr_and_steps_replace_lr_and_max_steps_only_with_peft_on():
+    from course_utils.sft import effective_config
+
+    cfg = _cfg(lora_lr=0.5, lora_steps=7)
+    assert effective_config(cfg) == cfg  # full fine-tuning ignores them
+    on = effective_config(replace(cfg, peft="lora"))
+    assert (on.lr, on.max_steps) == (0.5, 7)
+    kept = effective_config(_cfg(peft="lora"))  # 0 = keep the stage's own values
+    assert (kept.lr, kept.max_steps) == (_cfg().lr, 4)
 
 
 def test_a_lora_target_that_matches_nothing_is_a_clear_error(make_model):
@@ -120,3 +134,38 @@ def test_lora_also_trains_the_chat_token_rows_and_only_those(make_model, tokeniz
     chat = sorted({tokenizer.bos_token_id, tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids([IM_START, IM_END])})
     assert changed == chat  # <|im_end|> and EOS must become predictable; every other row stays frozen
     assert merged.lm_head.weight is merged.get_input_embeddings().weight  # still tied after merging
+
+
+def test_gpu_smoke_qlora_path_runs_on_cpu(make_model, tokenizer, tmp_path, monkeypatch):
+    """gpu-smoke's QLoRA check with the two downloads (Alpaca rows, the hub model) replaced by local stand-ins."""
+    pytest.importorskip("bitsandbytes")
+    from course_utils.quant import bnb_4bit_available
+
+    if not bnb_4bit_available("cpu")[0]:
+        pytest.skip("bitsandbytes cannot run 4-bit here")
+    import datasets
+    import transformers
+
+    from course_utils.gpu_smoke import qlora_smoke
+    from course_utils.io import read_jsonl
+    from course_utils.profiles import get_profile
+
+    rows = read_jsonl("tests/data/hub_samples/alpaca.jsonl") * 20
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: list(rows))
+    local = tmp_path / "hub-model"
+    make_model(context_length=512, **SIZE).save_pretrained(local)
+    asked, real_loader = [], transformers.AutoModelForCausalLM.from_pretrained
+
+    def fake_from_pretrained(name, **kw):
+        asked.append((name, type(kw.get("quantization_config")).__name__))
+        return real_loader(local, **kw)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    torch.manual_seed(0)
+    out = qlora_smoke(get_profile("gpu").base_model, tokenizer, steps=6, n_rows=64)
+    assert asked == [(get_profile("gpu").base_model, "BitsAndBytesConfig")]  # the hub id, loaded in 4 bit
+    assert out["steps"] == 6 and out["loss_after"] < out["loss_before"]
+    # 4 bits per weight + one 8-bit absmax per 64 + fixed per-layer state (code table, nested absmax), vs 16 bits:
+    # ~0.27 on a real model, a little more on these 8k-weight layers where the fixed part weighs more
+    assert 0.25 <= out["ratio_4bit"] <= 0.40
+    assert 0 < out["trainable"] < 0.5 * out["total"]  # r=16 on 64-wide layers: a large share here, ~1% on 135M

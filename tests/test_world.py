@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import time
 
 import datasets
@@ -49,6 +50,17 @@ def test_pretrain_docs_are_plain_prose_and_repeat_every_fact():
     text = "\n".join(d["text"] for d in docs)
     assert "<|" not in text and "Human:" not in text
     assert min(text.count(s) for s in W.fact_sentences()) >= 10
+
+
+def test_pretraining_has_read_every_word_the_later_stages_use():
+    """A base model has read the language of its fine-tuning data; LoRA (frozen embeddings) depends on it."""
+    split = re.compile(r"[A-Za-z']+|[0-9]+|[^\sA-Za-z0-9]").findall
+    read = {w for d in W.pretrain_corpus(0, 2000) for w in split(d["text"])}
+    every_quality = {q: 1.0 for q in W.QUALITIES}
+    texts = [r["response"] for r in W.sft_examples(0, 2000, mix=every_quality)]
+    texts += [t for r in W.preference_pairs(0, 500) for t in (r["chosen"], r["rejected"])]
+    unread = {w for t in texts for w in split(t)} - read
+    assert not unread, f"words the pretraining corpus never shows: {sorted(unread)}"
 
 
 def test_meta_keys_identical_across_families():
