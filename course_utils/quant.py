@@ -213,8 +213,8 @@ def load_4bit(model_dir_or_model_fn, compute_dtype: torch.dtype = torch.float32,
     """Load a course model with its Linear layers in NF4 (QLoRA's base model), via transformers.
 
     ``model_dir_or_model_fn`` is a folder written by ``save_pretrained``, a hub id such as
-    ``"HuggingFaceTB/SmolLM2-135M"`` (downloaded once), a model object, or a function returning one (objects are saved to a temporary folder first: transformers
-    quantizes while loading). Embeddings, norms and the tied ``lm_head`` stay in
+    ``"HuggingFaceTB/SmolLM2-135M"`` (downloaded once), a model object, or a function returning
+    one (objects are saved to a temporary folder first: transformers quantizes while loading). Embeddings, norms and the tied ``lm_head`` stay in
     ``compute_dtype``; every other Linear becomes a bitsandbytes ``Linear4bit``.
     """
     ok, why = bnb_4bit_available(device_map)
@@ -240,8 +240,8 @@ def load_4bit(model_dir_or_model_fn, compute_dtype: torch.dtype = torch.float32,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,  # weights are dequantized to this for each matmul
     )
-    model = AutoModelForCausalLM.from_pretrained(source if hub_id else folder, quantization_config=config, device_map=device_map,
-                                                 dtype=compute_dtype, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(source if hub_id else folder, quantization_config=config,
+                                                 device_map=device_map, dtype=compute_dtype, trust_remote_code=False)
     if device_map == "cpu":
         _warn_on_bad_cpu_layers(model)
     return model
