@@ -214,8 +214,9 @@ def load_4bit(model_dir_or_model_fn, compute_dtype: torch.dtype = torch.float32,
 
     ``model_dir_or_model_fn`` is a folder written by ``save_pretrained``, a hub id such as
     ``"HuggingFaceTB/SmolLM2-135M"`` (downloaded once), a model object, or a function returning
-    one (objects are saved to a temporary folder first: transformers quantizes while loading). Embeddings, norms and the tied ``lm_head`` stay in
-    ``compute_dtype``; every other Linear becomes a bitsandbytes ``Linear4bit``.
+    one (objects are saved to a temporary folder first: transformers quantizes while loading).
+    Embeddings, norms and the tied ``lm_head`` stay in ``compute_dtype``; every other Linear
+    becomes a bitsandbytes ``Linear4bit``.
     """
     ok, why = bnb_4bit_available(device_map)
     if not ok:
