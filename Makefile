@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
-# The main job: tiny world -> tokenizer -> pretraining -> SFT -> evaluation -> report (runs/<profile>/report)
+# The main job: tiny world -> tokenizer -> pretraining -> SFT -> reward model -> evaluation -> report (runs/<profile>/report)
 pipeline: install
 	$(VENV)/bin/llm-course --profile $(PROFILE) pipeline
 

@@ -2,6 +2,7 @@
 
     llm-course pipeline              # every stage, default profile, writes a report
     llm-course pretrain --max-steps 200 --lr 1e-3
+    llm-course rm --label-noise 0.2  # only the reward model (builds the SFT model first if missing)
     llm-course world --out data/     # write the tiny world's JSONL files
     llm-course notebooks             # re-execute notebooks in place (tiny profile outputs)
     llm-course env                   # what this machine has, which profile is in force
@@ -53,7 +54,8 @@ def cmd_pipeline(args) -> int:
     from .pretrain import PretrainConfig
 
     trackers = None if args.trackers is None else tuple(t for t in args.trackers.split(",") if t and t != "none")
-    run_pipeline(args.profile, out_dir=args.out, trackers=trackers, sft_overrides={"peft": args.peft},
+    rm = {} if args.rm_label_noise is None else {"label_noise": args.rm_label_noise}
+    run_pipeline(args.profile, out_dir=args.out, trackers=trackers, sft_overrides={"peft": args.peft}, rm_overrides=rm,
                  **_overrides(args, PretrainConfig))
     return 0
 
@@ -62,6 +64,15 @@ def cmd_pretrain(args) -> int:
     from .pretrain import PretrainConfig, main
 
     cfg = PretrainConfig.for_profile(args.profile, **_overrides(args, PretrainConfig))
+    metrics = main(cfg, out_dir=args.out)
+    print(f"checkpoint: {metrics['checkpoint']}")
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from .reward import RewardConfig, main
+
+    cfg = RewardConfig.for_profile(args.profile, **_overrides(args, RewardConfig))
     metrics = main(cfg, out_dir=args.out)
     print(f"checkpoint: {metrics['checkpoint']}")
     return 0
@@ -140,6 +151,7 @@ def cmd_exercises(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .pretrain import PretrainConfig
+    from .reward import RewardConfig
 
     parser = argparse.ArgumentParser(prog="llm-course", description="LLM Training Lab: train language models end to end.")
     profile_help = f"sizes and data: smoke (CI), tiny (CPU default), gpu (CUDA default); or set {ENV_VAR}"
@@ -154,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trackers", default=None, help="comma list of wandb,tensorboard or 'none' (default: the profile's)")
     p.add_argument("--peft", choices=("none", "lora", "qlora"), default="none",
                    help="SFT stage: full fine-tuning (none), LoRA, or QLoRA on a 4-bit base (chapter 04)")
+    p.add_argument("--rm-label-noise", type=float, default=None,
+                   help="reward-model stage: share of training pairs with flipped labels (tiny world; chapter 05)")
     _add_config_flags(p, PretrainConfig)
     p.set_defaults(func=cmd_pipeline)
 
@@ -161,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="stage folder (default: runs/<profile>/pretrain)")
     _add_config_flags(p, PretrainConfig)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("rm", parents=[common], help="only the reward-model stage (builds the SFT model if missing)")
+    p.add_argument("--out", default=None, help="stage folder (default: runs/<profile>/rm)")
+    _add_config_flags(p, RewardConfig)
+    p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("world", parents=[common], help="write the tiny world's JSONL files")
     p.add_argument("--out", required=True)

@@ -70,6 +70,37 @@ def _sft_section(sft: dict | None, out_dir: Path) -> list[str]:
     return lines
 
 
+def _rm_section(rm: dict | None, out_dir: Path) -> list[str]:
+    if not rm:
+        return []
+    import matplotlib.pyplot as plt
+
+    from .reward import plot_rewards
+
+    fig = plot_rewards(rm["after"])
+    fig.savefig(out_dir / "plots" / "rm_rewards.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    b, a, c = rm["before"], rm["after"], rm["config"]
+    removed = ", ".join(f"{k}: {v}" for k, v in rm["removed"].items() if v) or "nothing"
+    lines = ["", "## Reward model (奖励建模)", "",
+             f"{rm['rows']} labelled pairs (injected: {c['label_noise']:.0%} flipped labels, {c['duplicate_rate']:.0%} "
+             f"duplicates, {c['tie_rate']:.0%} ties). Cleaning kept **{rm['kept']}** and removed {removed}; "
+             f"flipped labels still in the kept set: {rm['flipped_left_after_cleaning']}; dropped as too long: "
+             f"{rm['dropped_too_long']}. Length bias of the data: the chosen side is the longer one in "
+             f"{rm['length_bias']['chosen_longer']:.0%} of pairs of unequal length. {rm['steps']} steps, Bradley–Terry loss.",
+             "", "| held-out metric | untrained score head | trained RM |", "|---|---|---|",
+             f"| pairwise accuracy ({a['pairs']} clean pairs) | {b['accuracy']:.1%} | {a['accuracy']:.1%} |",
+             f"| ROC-AUC (chosen vs rejected rewards, pooled) | {b['roc_auc']:.3f} | {a['roc_auc']:.3f} |",
+             f"| mean reward margin | {b['mean_margin']:.2f} | {a['mean_margin']:.2f} |",
+             f"| Kendall τ(reward, length) | {b['reward_length_tau']:.2f} | {a['reward_length_tau']:.2f} |"]
+    if "kendall_tau" in a:
+        lines += [f"| Kendall τ with the true scorer, within prompt | {b['kendall_tau_within_prompt']:.2f} | "
+                  f"{a['kendall_tau_within_prompt']:.2f} |",
+                  f"| Kendall τ with the true scorer, all responses | {b['kendall_tau']:.2f} | {a['kendall_tau']:.2f} |"]
+    lines += ["", "![reward distributions and calibration](plots/rm_rewards.png)"]
+    return lines
+
+
 def write_report(out_dir, metrics: dict) -> Path:
     """Write report.md, metrics.json and plots/ under ``out_dir``; return the report path."""
     import matplotlib
@@ -105,6 +136,7 @@ def write_report(out_dir, metrics: dict) -> Path:
         ]
         lines += [f"| {_md_escape(s['prompt'])} | {_md_escape(s['before'])} | {_md_escape(s['after'])} |" for s in pre["samples"]]
     lines += _sft_section(metrics["stages"].get("sft"), out_dir)
+    lines += _rm_section(metrics["stages"].get("rm"), out_dir)
     report = out_dir / "report.md"
     with atomic_open(report) as f:
         f.write("\n".join(lines) + "\n")

@@ -3,7 +3,7 @@
 ``load_stage("base")`` returns the pretrained model and its tokenizer. If the
 checkpoint does not exist yet, it is built first (seconds in the ``smoke``
 profile, minutes in ``tiny``), so any notebook can start from any chapter.
-Later chapters add "rm", "ppo", "dpo" here.
+Later chapters add "ppo", "dpo" here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from .errors import ConfigError
 from .profiles import Profile, get_profile, runs_dir
 
-STAGES = {"base": "pretrain", "sft": "sft"}  # stage name -> folder under runs/<profile>/
+STAGES = {"base": "pretrain", "sft": "sft", "rm": "rm"}  # "rm" holds a sequence classifier (one reward)  # stage name -> folder under runs/<profile>/
 
 
 def stage_dir(stage: str, profile: Profile | str | None = None) -> Path:
@@ -38,18 +38,23 @@ def load_stage(stage: str, profile: Profile | str | None = None, build_if_missin
             from .sft import SFTConfig, main
 
             main(SFTConfig.for_profile(profile.name))
-    return load_model_dir(final, device)
+        elif stage == "rm":
+            from .reward import RewardConfig, main
+
+            main(RewardConfig.for_profile(profile.name))
+    return load_model_dir(final, device, reward=stage == "rm")
 
 
-def load_model_dir(path, device=None):
-    """(model, tokenizer) from a verified checkpoint folder."""
+def load_model_dir(path, device=None, reward: bool = False):
+    """(model, tokenizer) from a verified checkpoint folder; ``reward=True`` loads a one-output sequence classifier."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from .checkpoint import verify_checkpoint
     from .tokenizer import load_tokenizer
 
     verify_checkpoint(path)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    model = auto.from_pretrained(path, trust_remote_code=False)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), load_tokenizer(path)

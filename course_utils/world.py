@@ -578,9 +578,15 @@ def preference_pairs(seed, n: int, split: str = "train", label_noise: float = 0.
                 row["prompt"] = _near_duplicate(src["prompt"], rng)
             out.append(row)
             continue
-        prompt, meta = _sample_task(rng, split, tids)
         tie = u < duplicate_rate + tie_rate
-        (chosen, qc, sc), (rejected, qr, sr) = _pair(rng, meta, tie)
+        for attempt in range(50):  # some prompts (e.g. harmful ones) have no two different responses that tie
+            prompt, meta = _sample_task(rng, split, tids)
+            try:
+                (chosen, qc, sc), (rejected, qr, sr) = _pair(rng, meta, tie)
+                break
+            except DataError:
+                if not tie or attempt == 49:
+                    raise
         flipped = not tie and rng.random() < label_noise
         if flipped:
             (chosen, qc, sc), (rejected, qr, sr) = (rejected, qr, sr), (chosen, qc, sc)

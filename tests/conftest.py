@@ -16,6 +16,17 @@ def _isolated_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_COURSE_RUNS", str(tmp_path / "runs"))
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test on one CPU thread (and restore the setting after); use with ``pytest.mark.usefixtures``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def corpus():
     from course_utils.profiles import get_profile

@@ -14,12 +14,7 @@ from course_utils.grading.runner import grade_notebook
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only add overhead
 
 
 # --- references (what the solution notebook has) -----------------------------------------------------

@@ -12,12 +12,7 @@ from course_utils.memory import (
 from course_utils.model import count_parameters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only add overhead
 
 
 def one_step(model, lr=1e-3):

@@ -23,6 +23,10 @@ def test_pipeline_smoke_writes_report_and_checkpoint(tmp_path):
     assert len(pre["samples"]) == 4 and all({"prompt", "before", "after"} <= set(s) for s in pre["samples"])
     assert (tmp_path / "pretrain" / "final" / "manifest.json").exists()
     assert metrics["report"] == str(report)
+    rm = saved["stages"]["rm"]  # the reward-model stage ran after SFT, cleaned its data and is in the report
+    assert rm["removed"]["tie"] > 0 and rm["kept"] < rm["rows"] and 0.0 <= rm["after"]["accuracy"] <= 1.0
+    assert "## Reward model (奖励建模)" in text and (tmp_path / "report" / "plots" / "rm_rewards.png").exists()
+    assert (tmp_path / "rm" / "final" / "manifest.json").exists()
 
 
 def test_load_stage_builds_missing_base(tmp_path, monkeypatch):
@@ -169,3 +173,13 @@ def test_pipeline_peft_flag_runs_the_sft_stage_with_lora(tmp_path):
     assert "LoRA r=" in (tmp_path / "report" / "report.md").read_text()
     with pytest.raises(SystemExit):
         cli(["--profile", "smoke", "pipeline", "--peft", "dora"])
+
+
+def test_cli_rm_stage_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli(["rm", "--help"])
+    out = capsys.readouterr().out
+    assert "--label-noise" in out and "--noise-threshold" in out and "tiny world only" in out
+    with pytest.raises(SystemExit):
+        cli(["pipeline", "--help"])
+    assert "--rm-label-noise" in capsys.readouterr().out

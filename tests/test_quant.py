@@ -16,12 +16,7 @@ bnb_ok, bnb_why = quant.bnb_4bit_available()
 needs_bnb = pytest.mark.skipif(not bnb_ok, reason=bnb_why)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only add overhead
 
 
 def weights(*shape, seed=0, std=0.02):
