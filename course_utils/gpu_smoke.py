@@ -1,15 +1,18 @@
 """``llm-course gpu-smoke``: the gpu profile, briefly, on a CUDA machine.
 
-Two checks on the profile's real base model, each printing what it measured:
+Three checks on the profile's real base model, each printing what it measured:
 
 1. continued pretraining in bf16 for a few steps on real TinyStories text: held-out perplexity
    before/after, tokens/s, peak memory;
 2. QLoRA SFT (chapter 04): the same base loaded in 4-bit NF4 through ``BitsAndBytesConfig``, LoRA
    added by PEFT, a few steps on Alpaca rows: 4-bit vs bf16 bytes of the Linear weights, trainable
-   parameters, loss before/after, peak memory.
+   parameters, loss before/after, peak memory;
+3. reward model (chapter 05): the continued-pretrained model with a score head, a few Bradley–Terry steps on
+   hh-rlhf pairs: pairwise loss before/after on a fixed batch, held-out pairwise accuracy.
 
 Needs CUDA and network access to the Hugging Face Hub (first run only). :func:`qlora_smoke` takes the
-model source as an argument, so the tests run its code path on CPU with a local folder.
+model source as an argument, so the tests run its code path on CPU with a local folder; :func:`rm_smoke`
+takes a model object, likewise.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ def run_gpu_smoke(steps: int = 20) -> int:
     print(f"gpu-smoke: {p.base_model} on {torch.cuda.get_device_name(0)}; data+model load {load_s:.0f} s")
     print(f"  held-out perplexity {before['ppl']:.2f} -> {after['ppl']:.2f} after {result['steps']} steps")
     print(f"  {result['tokens_per_s']:.0f} tokens/s, peak memory {peak:.1f} GiB")
+    r = rm_smoke(model, tokenizer, steps)
+    print(f"  reward model on hh-rlhf: pairwise loss {r['loss_before']:.3f} -> {r['loss_after']:.3f} after "
+          f"{r['steps']} steps ({r['seconds']:.0f} s); held-out pairwise accuracy {r['accuracy']:.0%} "
+          f"on {r['pairs']} pairs")
     del model
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -94,3 +101,36 @@ def qlora_smoke(model_source, tokenizer, steps: int = 20, n_rows: int = 256) -> 
     return {"linear_bytes_4bit": bytes_4bit, "linear_bytes_16bit": bytes_16,
             "ratio_4bit": bytes_4bit / bytes_16, "trainable": trainable, "total": total, "loss_before": loss_before,
             "loss_after": loss_after, "steps": result["steps"], "seconds": result["seconds"]}
+
+
+def rm_smoke(model, tokenizer, steps: int = 20, n_rows: int = 256, eval_pairs: int = 64, **overrides) -> dict:
+    """A reward model from ``model`` (score head added, ``model`` untouched), ``steps`` steps on hh-rlhf pairs.
+
+    As in :func:`qlora_smoke`, the loss before/after is measured on one fixed batch of training pairs; the
+    accuracy on ``eval_pairs`` held-out pairs after so few steps is a number to read, not a target.
+    ``overrides`` change the gpu preset's ``RewardConfig`` (the tests raise the LR for a tiny model).
+    """
+    from .reward import RewardConfig, build_pairs, clean_pairs, collate_pairs, encode_pairs, evaluate, loss_sum, \
+        reward_model_from, train
+    from .tokenizer import require_pad_token
+
+    cfg = RewardConfig.for_profile("gpu", **{"max_steps": steps, "warmup_steps": max(1, steps // 10),
+                                             "eval_pairs": eval_pairs, "progress": False, **overrides})
+    rows, test_rows = build_pairs(cfg)
+    kept, _ = clean_pairs(rows[:n_rows])
+    pairs, _ = encode_pairs(kept, tokenizer, cfg)
+    rm = reward_model_from(model, tokenizer, cfg.seed)
+    device = next(rm.parameters()).device
+    probe = {k: v.to(device) for k, v in collate_pairs(pairs[: cfg.batch_size], require_pad_token(tokenizer)).items()}
+
+    def probe_loss() -> float:
+        with torch.no_grad():
+            s, n = loss_sum(rm.eval(), probe)
+        return (s / n).item()
+
+    before = probe_loss()
+    result = train(cfg, rm, tokenizer, pairs)
+    after = probe_loss()
+    ev = evaluate(rm, tokenizer, test_rows, cfg)
+    return {"loss_before": before, "loss_after": after, "steps": result["steps"], "seconds": result["seconds"],
+            "accuracy": ev["accuracy"], "pairs": ev["pairs"]}

@@ -627,3 +627,24 @@ def test_gpu_profile_reads_hh_rlhf_rows_through_the_same_code(monkeypatch, token
     ev = R.evaluate(_rm(tokenizer), tokenizer, test_rows, cfg)
     assert ev["pairs"] == 6 and "kendall_tau" not in ev  # real data has no ground-truth scorer
     assert ev["accuracy_by_pair_type"] == {}  # nor quality labels
+
+
+def test_gpu_smoke_reward_model_path_runs_on_cpu(make_model, tokenizer, monkeypatch):
+    """gpu-smoke's reward-model check with the hh-rlhf download replaced by the sample rows."""
+    import datasets
+
+    from course_utils.gpu_smoke import rm_smoke
+    from course_utils.io import read_jsonl
+
+    samples = read_jsonl("tests/data/hub_samples/hh_rlhf.jsonl")
+    tag = lambda text, i: text.replace("Human: ", f"Human: ({i}) ", 1)  # noqa: E731 (distinct rows: no duplicates)
+    rows = [{k: tag(v, i) for k, v in samples[i % len(samples)].items()} for i in range(48)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: list(rows))
+    model = make_model(context_length=256)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    out = rm_smoke(model, tokenizer, steps=8, n_rows=64, eval_pairs=8, lr=3e-3, max_length=256,
+                   batch_size=4, grad_accum=1)
+    assert out["steps"] == 8 and out["loss_after"] < out["loss_before"]
+    assert out["pairs"] > 0 and 0.0 <= out["accuracy"] <= 1.0  # (the stand-in loader ignores the row limit)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the base is untouched
