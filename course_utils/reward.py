@@ -570,6 +570,10 @@ def main(cfg: RewardConfig | None = None, out_dir=None, tracker=None, log=print,
             removed["likely flipped label"] = flipped["likely flipped label"]
         log(f"  cleaning ({time.perf_counter() - t_clean:.0f} s): kept {len(kept)} of {len(train_rows)}; removed "
             + ", ".join(f"{k} {v}" for k, v in removed.items() if v))
+    else:  # no cleaning still cannot train on a row that is not a pair: drop it and count why
+        reasons = [check_pair(r) for r in train_rows]
+        kept = [r for r, why in zip(train_rows, reasons) if why is None]
+        removed.update({why: reasons.count(why) for why in set(reasons) - {None}})
     truly_flipped = sum(bool((r.get("meta") or {}).get("flipped")) for r in kept)
     pairs, too_long = encode_pairs(kept, tokenizer, cfg)
     model = factory()

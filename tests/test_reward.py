@@ -648,3 +648,18 @@ def test_gpu_smoke_reward_model_path_runs_on_cpu(make_model, tokenizer, monkeypa
     assert out["steps"] == 8 and out["loss_after"] < out["loss_before"]
     assert out["pairs"] > 0 and 0.0 <= out["accuracy"] <= 1.0  # (the stand-in loader ignores the row limit)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the base is untouched
+
+
+def test_stage_without_cleaning_still_drops_and_counts_malformed_rows(tmp_path, tokenizer, monkeypatch):
+    real = R.build_pairs
+
+    def with_bad_rows(cfg):
+        train, test = real(cfg)
+        bad = [{**train[0], "rejected": None}, {**train[1], "chosen": 7}, {**train[2], "rejected": train[2]["chosen"]}]
+        return train + bad, test
+
+    monkeypatch.setattr(R, "build_pairs", with_bad_rows)
+    cfg = R.RewardConfig.for_profile("smoke", progress=False, clean=False, max_length=256)
+    out = R.main(cfg, out_dir=tmp_path / "rm", sft=(_causal_lm(tokenizer), tokenizer), log=lambda *_: None)
+    assert out["rows"] == 203 and out["kept"] == 200
+    assert {k: v for k, v in out["removed"].items() if v} == {"missing side": 1, "not a string": 1, "identical sides": 1}
