@@ -216,14 +216,9 @@ def collate_pairs(pairs: list[tuple], pad_id: int, side: str = "right") -> dict:
     return batch
 
 
-def batch_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    r = last_token_rewards(model, batch["input_ids"], batch["attention_mask"])
-    return r.chunk(2)
-
-
 def loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of pair losses, number of pairs): the form ``training.fit`` accumulates."""
-    rc, rr = batch_rewards(model, batch)
+    rc, rr = last_token_rewards(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
     margin = batch["margin"].to(rc.device) if bool(batch["margin"].any()) else None
     return pairwise_loss(rc, rr, margin, reduction="sum"), torch.tensor(rc.numel())
 
@@ -357,29 +352,16 @@ def cross_fit_p_chosen(rows: list[dict], model_factory, tokenizer, cfg: RewardCo
     return p
 
 
-@torch.no_grad()
-def score_pairs(model, tokenizer, rows: list[dict], cfg: RewardConfig, batch_size: int = 64) -> list[float]:
-    """σ(r_chosen − r_rejected) per row (0.5 for a row that cannot be encoded)."""
-    model.eval()
-    device = next(model.parameters()).device
-    pad = require_pad_token(tokenizer)
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        encoded = []
-        for i, row in enumerate(chunk):
-            try:
-                encoded.append(encode_pair(row, tokenizer, cfg, start + i) + (0.0,))
-            except DataError:
-                encoded.append(None)
-        ok = [e for e in encoded if e is not None]
-        probs = iter([])
-        if ok:
-            b = collate_pairs(ok, pad)
-            rc, rr = batch_rewards(model, {k: v.to(device) for k, v in b.items()})
-            probs = iter(torch.sigmoid(rc - rr).tolist())
-        out += [next(probs) if e is not None else 0.5 for e in encoded]
-    return out
+def score_pairs(model, tokenizer, rows: list[dict], cfg: RewardConfig) -> list[float]:
+    """σ(r_chosen − r_rejected) per row (0.5 for a row whose pair does not fit in ``max_length``)."""
+    ok = [i for i, row in enumerate(rows) if fits(row, tokenizer, cfg)]
+    prompts = [rows[i]["prompt"] for i in ok]
+    r_chosen = reward_scores(model, tokenizer, prompts, [rows[i]["chosen"] for i in ok], cfg)
+    r_rejected = reward_scores(model, tokenizer, prompts, [rows[i]["rejected"] for i in ok], cfg)
+    p = [0.5] * len(rows)
+    for i, value in zip(ok, torch.sigmoid(torch.tensor(r_chosen) - torch.tensor(r_rejected)).tolist()):
+        p[i] = value
+    return p
 
 
 # --- training -----------------------------------------------------------------------------------------
@@ -479,11 +461,12 @@ def evaluate(model, tokenizer, rows: list[dict], cfg: RewardConfig, tau: bool = 
     rows = [r for r in rows if fits(r, tokenizer, cfg)]
     if not rows:
         raise DataError(f"none of the {n_rows} evaluation pairs fits in max_length={cfg.max_length}")
-    p_first = score_pairs(model, tokenizer, rows, cfg)
     prompts = [r["prompt"] for r in rows]
     r_chosen = reward_scores(model, tokenizer, prompts, [r["chosen"] for r in rows], cfg)
     r_rejected = reward_scores(model, tokenizer, prompts, [r["rejected"] for r in rows], cfg)
-    result = {"pairs": len(rows), "skipped_too_long": n_rows - len(rows), "accuracy": sum(p > 0.5 for p in p_first) / len(rows),
+    p_first = torch.sigmoid(torch.tensor(r_chosen) - torch.tensor(r_rejected)).tolist()  # P(chosen wins)
+    result = {"pairs": len(rows), "skipped_too_long": n_rows - len(rows),
+              "accuracy": sum(c > r for c, r in zip(r_chosen, r_rejected)) / len(rows),
               "mean_margin": sum(c - r for c, r in zip(r_chosen, r_rejected)) / len(rows),
               # pooled: does the reward alone, without the other side of the pair, tell chosen from rejected?
               "roc_auc": float(roc_auc_score([1] * len(rows) + [0] * len(rows), r_chosen + r_rejected)),
