@@ -603,9 +603,17 @@ def test_rm_stage_has_a_default_folder(tmp_path, monkeypatch):
 def test_config_validation():
     R.RewardConfig.for_profile("smoke").validate()
     for bad in (dict(chat_format="vicuna"), dict(tie_rate=1.5), dict(noise_threshold=0.5),
-                dict(margin_scale=-1.0), dict(batch_size=0)):
+                dict(margin_scale=-1.0), dict(batch_size=0), dict(max_pairs=-1)):
         with pytest.raises(ConfigError):
             R.RewardConfig.for_profile("smoke", **bad).validate()
+
+
+def test_max_pairs_takes_the_first_rows_of_the_same_stream():
+    full, test = R.build_pairs(R.RewardConfig.for_profile("smoke"))
+    few, test_few = R.build_pairs(R.RewardConfig.for_profile("smoke", max_pairs=50))
+    assert len(full) == 200 and len(few) == 50
+    assert [r["id"] for r in few] == [r["id"] for r in full[:50]] and few[7]["chosen"] == full[7]["chosen"]
+    assert test_few == test  # the held-out pairs do not depend on it
 
 
 def test_gpu_profile_reads_hh_rlhf_rows_through_the_same_code(monkeypatch, tokenizer):
