@@ -26,9 +26,10 @@ from .profiles import ENV_VAR, PROFILES, use_profile
 
 
 def _field_help(cls) -> dict[str, str]:
-    """The ``# comment`` after each dataclass field becomes its --help text."""
+    """The ``# comment`` after each dataclass field becomes its --help text (``%`` escaped: argparse formats help)."""
     src = inspect.getsource(cls)
-    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+): [^=\n]+= [^#\n]*# (.*)$", src, re.M)}
+    return {m.group(1): m.group(2).strip().replace("%", "%%")
+            for m in re.finditer(r"^\s+(\w+): [^=\n]+= [^#\n]*# (.*)$", src, re.M)}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
@@ -54,7 +55,8 @@ def cmd_pipeline(args) -> int:
     from .pretrain import PretrainConfig
 
     trackers = None if args.trackers is None else tuple(t for t in args.trackers.split(",") if t and t != "none")
-    rm = {} if args.rm_label_noise is None else {"label_noise": args.rm_label_noise}
+    rm = {} if args.rm_label_noise is None else {"label_noise": args.rm_label_noise,
+                                                   "noise_filter": args.rm_label_noise > 0}
     run_pipeline(args.profile, out_dir=args.out, trackers=trackers, sft_overrides={"peft": args.peft}, rm_overrides=rm,
                  **_overrides(args, PretrainConfig))
     return 0
@@ -167,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peft", choices=("none", "lora", "qlora"), default="none",
                    help="SFT stage: full fine-tuning (none), LoRA, or QLoRA on a 4-bit base (chapter 04)")
     p.add_argument("--rm-label-noise", type=float, default=None,
-                   help="reward-model stage: share of training pairs with flipped labels (tiny world; chapter 05)")
+                   help="reward-model stage: share of training pairs with flipped labels, > 0 also turns on the "
+                        "disagreement filter that looks for them (tiny world; chapter 05)")
     _add_config_flags(p, PretrainConfig)
     p.set_defaults(func=cmd_pipeline)
 

@@ -84,8 +84,12 @@ class StepBatchSampler(Sampler[list[int]]):
         epoch, pos = divmod(i, self.batches_per_epoch)
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.num_rows, generator=g), epoch
+            self._perm, self._perm_epoch = self._permutation(g), epoch
         return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size].tolist()
+
+    def _permutation(self, g: torch.Generator) -> torch.Tensor:
+        """The order of the rows in one epoch."""
+        return torch.randperm(self.num_rows, generator=g)
 
     def __iter__(self):
         i = self.start
@@ -97,6 +101,33 @@ class StepBatchSampler(Sampler[list[int]]):
         if self.stop is None:
             raise TypeError("an endless sampler has no length")
         return max(0, self.stop - self.start)
+
+
+class LengthGroupedStepSampler(StepBatchSampler):
+    """A :class:`StepBatchSampler` whose micro-batches hold rows of similar length (less padding).
+
+    Each epoch shuffles the rows, cuts the order into windows of ``window`` batches, sorts each window by
+    length and shuffles the order of the batches cut from all windows: batches stay random in content and
+    order, but a batch of short rows is no longer padded to the length of one long row (transformers'
+    ``group_by_length`` does the same). ``lengths[i]`` is the padded length row ``i`` would need.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 50, start: int = 0,
+                 stop: int | None = None):
+        if window < 1:
+            raise DataError(f"window must be >= 1 batch, got {window}")
+        super().__init__(len(lengths), batch_size, seed, start, stop)
+        self.lengths, self.window = torch.as_tensor(lengths), window
+
+    def _permutation(self, g: torch.Generator) -> torch.Tensor:
+        order = torch.randperm(self.num_rows, generator=g)
+        span = self.window * self.batch_size
+        chunks = [c[torch.argsort(self.lengths[c], descending=True, stable=True)] for c in order.split(span)]
+        order = torch.cat(chunks)
+        usable = self.batches_per_epoch * self.batch_size  # the rows of an incomplete last batch stay at the end
+        batches = order[:usable].view(self.batches_per_epoch, self.batch_size)
+        batches = batches[torch.randperm(self.batches_per_epoch, generator=g)]
+        return torch.cat([batches.reshape(-1), order[usable:]])
 
 
 class _Rows(torch.utils.data.Dataset):

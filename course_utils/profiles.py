@@ -86,7 +86,7 @@ PROFILES: dict[str, Profile] = {
         name="tiny",
         description="default on CPU: offline tiny world, ~1M-parameter Llama, real learning in minutes",
         seed=0,
-        world=WorldSize(pretrain_docs=6000, sft_examples=4000, pref_pairs=12000, rl_prompts=512, eval_examples=400),
+        world=WorldSize(pretrain_docs=6000, sft_examples=4000, pref_pairs=20000, rl_prompts=512, eval_examples=400),
         tokenizer_vocab_size=1024,
         model=ModelSize(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384, context_length=128),
     ),

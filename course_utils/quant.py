@@ -245,7 +245,20 @@ def load_4bit(model_dir_or_model_fn, compute_dtype: torch.dtype = torch.float32,
                                                  device_map=device_map, dtype=compute_dtype, trust_remote_code=False)
     if device_map == "cpu":
         _warn_on_bad_cpu_layers(model)
+        _no_bf16_repacking(model)
     return model
+
+
+def _no_bf16_repacking(model) -> None:
+    """Keep bitsandbytes' CPU layers on the path that dequantizes to ``compute_dtype``.
+
+    On CPUs with AVX512-BF16, ``Linear4bit`` in eval mode without gradients otherwise repacks its codes into
+    another layout (for good: the stored codes change) and multiplies in bf16, so logits differ from the
+    dequantized fp32 weights by ~5e-3 and the chapter's code-by-code comparisons would depend on the CPU.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 @lru_cache(maxsize=None)

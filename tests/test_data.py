@@ -1,9 +1,10 @@
 import json
+import random
 
 import pytest
 import torch
 
-from course_utils.data import StepBatchSampler, make_dataloader, packed_ids, tokenize_and_pack
+from course_utils.data import LengthGroupedStepSampler, StepBatchSampler, make_dataloader, packed_ids, tokenize_and_pack
 from course_utils.errors import DataError
 from course_utils.io import read_jsonl, write_jsonl
 
@@ -42,6 +43,28 @@ def test_sampler_is_a_pure_function_of_the_step():
     assert len(set(epoch0)) == len(epoch0)  # no row twice within an epoch
     assert full[:per_epoch] != full[per_epoch : 2 * per_epoch]  # each epoch reshuffles
     assert list(StepBatchSampler(100, 8, seed=4, stop=3)) != full[:3]
+
+
+def test_length_grouped_batches_hold_similar_lengths():
+    lengths = [random.Random(i).randint(10, 90) for i in range(1000)]
+    plain = StepBatchSampler(1000, 16, seed=1)
+    grouped = LengthGroupedStepSampler(lengths, 16, seed=1, window=20)
+    per_epoch = 1000 // 16
+
+    def padded(sampler):  # tokens a batch occupies once padded to its longest row
+        return sum(16 * max(lengths[i] for i in sampler.indices(b)) for b in range(per_epoch))
+
+    assert padded(grouped) < 0.7 * padded(plain)
+    epoch0 = [i for b in range(per_epoch) for i in grouped.indices(b)]
+    assert len(set(epoch0)) == len(epoch0) == per_epoch * 16  # still every row at most once per epoch
+    longest = [max(lengths[i] for i in grouped.indices(b)) for b in range(per_epoch)]
+    falling = sum(a >= b for a, b in zip(longest, longest[1:])) / (per_epoch - 1)
+    assert falling < 0.8  # batch order is shuffled (without it, each window's batches would come longest first)
+    again = LengthGroupedStepSampler(lengths, 16, seed=1, window=20, start=7, stop=9)
+    assert list(again) == [grouped.indices(7), grouped.indices(8)]  # a pure function of the step, like its parent
+    assert grouped.indices(per_epoch) != grouped.indices(0)  # the next epoch regroups
+    with pytest.raises(DataError, match="window"):
+        LengthGroupedStepSampler(lengths, 16, seed=1, window=0)
 
 
 def test_dataloader_yields_the_sampled_rows(packed):

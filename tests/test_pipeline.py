@@ -183,3 +183,12 @@ def test_cli_rm_stage_flags(capsys):
     with pytest.raises(SystemExit):
         cli(["pipeline", "--help"])
     assert "--rm-label-noise" in capsys.readouterr().out
+
+
+def test_rm_label_noise_flag_also_turns_on_the_filter(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("course_utils.pipeline.run_pipeline", lambda *a, **k: seen.update(k) or {})
+    cli(["--profile", "smoke", "pipeline", "--rm-label-noise", "0.2"])
+    assert seen["rm_overrides"] == {"label_noise": 0.2, "noise_filter": True}
+    cli(["--profile", "smoke", "pipeline", "--rm-label-noise", "0"])
+    assert seen["rm_overrides"] == {"label_noise": 0.0, "noise_filter": False}

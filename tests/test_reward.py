@@ -254,6 +254,27 @@ def test_collate_pairs_layout():
     assert batch["margin"].tolist() == [0.5, 0.0] and batch["margin"].dtype == torch.float32
 
 
+def test_lm_term_is_the_backbones_own_causal_lm_loss(tokenizer):
+    """The regulariser equals transformers' causal-LM loss of the model the RM was built from, on the chosen rows."""
+    cfg = R.RewardConfig.for_profile("smoke", progress=False)
+    lm = _causal_lm(tokenizer)
+    rm = _spread_head(R.reward_model_from(lm, tokenizer))
+    pairs, _ = R.encode_pairs(_short_rows(tokenizer, cfg, 4), tokenizer, cfg)
+    batch = R.collate_pairs(pairs, tokenizer.pad_token_id, lm_labels=True)
+    B = len(pairs)
+    assert torch.equal(batch["chosen_labels"], pad_batch([p[0] for p in pairs], tokenizer.pad_token_id)["labels"])
+    with torch.no_grad():
+        ranking, n = R.loss_sum(rm, batch)
+        both, _ = R.loss_sum(rm, batch, lm_coef=0.5)
+        want = lm.eval()(input_ids=batch["input_ids"][:B], attention_mask=batch["attention_mask"][:B],
+                         labels=batch["chosen_labels"]).loss
+    assert int(n) == B and want.item() > 1.0
+    assert (both - ranking).item() == pytest.approx(0.5 * B * want.item(), rel=1e-5)
+    rm.config.tied_lm_head = False  # an untied LM head was dropped with the LM: nothing to compute it with
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        R.loss_sum(rm, batch, lm_coef=0.5)
+
+
 # --- 3. Bradley–Terry ------------------------------------------------------------------------------------
 
 
@@ -459,6 +480,12 @@ def test_calibration_known_answer():
     assert [row["observed"] for row in table] == pytest.approx([0.0, 0.5, 0.5, 1.0])
     coarse = R.calibration(p, won, bins=2)
     assert [(row["n"], row["observed"]) for row in coarse] == [(3, pytest.approx(1 / 3)), (4, pytest.approx(0.75))]
+    # |0.05-0| + 2|0.125-0.5| + 2|0.525-0.5| + 2|0.975-1| over 7 predictions
+    assert R.calibration_error(table) == pytest.approx((0.05 + 0.75 + 0.05 + 0.05) / 7)
+    hedging = R.calibration([0.6] * 10, [True] * 9 + [False])  # right 90% of the time but says 60%
+    assert R.calibration_error(hedging) == pytest.approx(0.3)
+    with pytest.raises(DataError):
+        R.calibration_error([])
 
 
 @pytest.fixture(scope="module")
@@ -553,8 +580,8 @@ def test_reward_stage_end_to_end_smoke(tmp_path, tokenizer):
     assert {"before", "after", "removed", "rows", "kept", "flipped_left_after_cleaning", "dropped_too_long",
             "length_bias", "steps", "final_train_loss", "history", "seconds", "checkpoint", "config"} <= set(out)
     for ev in (out["before"], out["after"]):
-        assert {"pairs", "accuracy", "mean_margin", "roc_auc", "calibration", "rewards_chosen", "rewards_rejected",
-                "reward_length_tau", "kendall_tau", "kendall_tau_within_prompt"} <= set(ev)
+        assert {"pairs", "accuracy", "mean_margin", "roc_auc", "calibration", "calibration_error", "rewards_chosen",
+                "rewards_rejected", "reward_length_tau", "kendall_tau", "kendall_tau_within_prompt"} <= set(ev)
         assert ev["pairs"] == cfg.eval_pairs
     assert out["steps"] == cfg.max_steps and [h["step"] for h in out["history"]] == [4, 8, 12]
     assert all(math.isfinite(h["loss"]) for h in out["history"])
@@ -603,7 +630,7 @@ def test_rm_stage_has_a_default_folder(tmp_path, monkeypatch):
 def test_config_validation():
     R.RewardConfig.for_profile("smoke").validate()
     for bad in (dict(chat_format="vicuna"), dict(tie_rate=1.5), dict(noise_threshold=0.5),
-                dict(margin_scale=-1.0), dict(batch_size=0), dict(max_pairs=-1)):
+                dict(margin_scale=-1.0), dict(batch_size=0), dict(max_pairs=-1), dict(lm_coef=-0.1)):
         with pytest.raises(ConfigError):
             R.RewardConfig.for_profile("smoke", **bad).validate()
 
