@@ -37,7 +37,7 @@ class PPOConfig:
     # --- rollouts
     rollout_batch: int = 32  # prompts per rollout: the experience buffer
     max_new_tokens: int = 24
-    temperature: float = 1.0  # sample from the policy as it is: PPO's ratios assume these are its probabilities
+    temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
     # --- PPO
     ppo_epochs: int = 2  # passes over each buffer
     minibatch: int = 8  # rows per gradient step
@@ -124,10 +124,12 @@ def response_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, t
     return mask, stopped
 
 
-def _logprobs_and_values(policy: PolicyWithValue, seq: torch.Tensor, attn: torch.Tensor, P: int):
+def _logprobs_and_values(policy: PolicyWithValue, seq: torch.Tensor, attn: torch.Tensor, P: int,
+                         temperature: float = 1.0):
     logits, values = policy(seq, attn)
-    # the logits at position t give the distribution of token t+1: responses start at P
-    return logits[:, P - 1 : -1], values[:, P - 1 : -1]
+    # the logits at position t give the distribution of token t+1: responses start at P. The tokens were sampled
+    # from softmax(logits / T), so that is the distribution whose log-probs PPO's ratios compare.
+    return logits[:, P - 1 : -1] / temperature, values[:, P - 1 : -1]
 
 
 @torch.no_grad()
@@ -137,6 +139,7 @@ def rollout(policy: PolicyWithValue, ref_lm, tokenizer, prompts: list[str], scor
 
     ``score_fn(prompts, responses) -> list[float]`` scores the decoded responses (the reward model, in the
     course). Rows whose score is not finite are dropped and counted (``nan_scores``) instead of trained on.
+    With a ``generator``, sampling is seeded from it (through torch's global seed, which ``generate`` uses).
     """
     device = next(policy.parameters()).device
     pad, eos = require_pad_token(tokenizer), tokenizer.eos_token_id
@@ -167,9 +170,10 @@ def rollout(policy: PolicyWithValue, ref_lm, tokenizer, prompts: list[str], scor
     seq = torch.cat([prompt, responses], 1)[idx]
     attn = torch.cat([prompt_attn, mask.long()], 1)[idx]
     mask, responses, scores = mask[idx], responses[idx], scores[idx]
-    logits, values = _logprobs_and_values(policy, seq, attn, P)
+    logits, values = _logprobs_and_values(policy, seq, attn, P, cfg.temperature)
     logprobs = rl.token_logprobs(logits, responses, mask)
     ref_logits = ref_lm(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn)).logits[:, P - 1 : -1]
+    ref_logits = ref_logits / cfg.temperature
     ref_logprobs = rl.token_logprobs(ref_logits, responses, mask)
     rewards, kl = rl.kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, beta)
     values = values * mask
@@ -194,7 +198,7 @@ def ppo_update(policy: PolicyWithValue, optimizer, buffer: dict, cfg: PPOConfig,
         for start in range(0, n, cfg.minibatch):
             b = torch.tensor(order[start : start + cfg.minibatch], device=buffer["seq"].device)
             mask = buffer["mask"][b]
-            logits, values = _logprobs_and_values(policy, buffer["seq"][b], buffer["attn"][b], P)
+            logits, values = _logprobs_and_values(policy, buffer["seq"][b], buffer["attn"][b], P, cfg.temperature)
             logprobs = rl.token_logprobs(logits, buffer["responses"][b], mask)
             pg_loss, pg = rl.clipped_policy_loss(logprobs, buffer["logprobs"][b], buffer["advantages"][b], mask,
                                                  cfg.clip)

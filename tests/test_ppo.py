@@ -129,3 +129,15 @@ def test_config_validation():
             replace(ppo.PPOConfig(), **bad).validate()
     assert isinstance(ppo.PPOConfig(kl_target=6.0).kl_controller(), rl.AdaptiveKL)
     assert isinstance(ppo.PPOConfig().kl_controller(), rl.FixedKL)
+
+
+def test_log_probs_follow_the_sampling_temperature(tokenizer):
+    policy, ref = _policy_and_ref(tokenizer)
+    hot = ppo.PPOConfig(rollout_batch=8, minibatch=8, ppo_epochs=1, max_new_tokens=4, temperature=2.0)
+    buffer = ppo.rollout(policy, ref, tokenizer, PROMPTS, _length_score, hot, beta=0.1)
+    with torch.no_grad():
+        logits, _ = ppo._logprobs_and_values(policy, buffer["seq"], buffer["attn"], buffer["P"])  # T = 1
+    at_one = rl.token_logprobs(logits, buffer["responses"], buffer["mask"])
+    at_two = rl.token_logprobs(logits / 2.0, buffer["responses"], buffer["mask"])
+    assert torch.allclose(buffer["logprobs"], at_two, atol=1e-5)
+    assert not torch.allclose(buffer["logprobs"], at_one, atol=1e-3)
