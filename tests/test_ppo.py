@@ -141,3 +141,14 @@ def test_log_probs_follow_the_sampling_temperature(tokenizer):
     at_two = rl.token_logprobs(logits / 2.0, buffer["responses"], buffer["mask"])
     assert torch.allclose(buffer["logprobs"], at_two, atol=1e-5)
     assert not torch.allclose(buffer["logprobs"], at_one, atol=1e-3)
+
+
+def test_value_head_has_its_own_learning_rate(tokenizer):
+    policy, _ = _policy_and_ref(tokenizer)
+    cfg = ppo.PPOConfig(lr=2e-5, value_lr_mult=10.0)
+    opt = ppo.make_optimizer(policy, cfg)
+    body, head = opt.param_groups
+    assert body["lr"] == 2e-5 and head["lr"] == pytest.approx(2e-4)
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in policy.parameters()) and len(set(grouped)) == len(grouped)
+    assert {id(p) for p in head["params"]} == {id(p) for p in policy.value_head.parameters()}
