@@ -138,21 +138,22 @@ def encode(messages: list[dict], tokenizer, fmt: str = "chatml", max_length: int
 def pad_batch(examples: list[Encoded], pad_id: int, side: str = "right") -> dict:
     """Stack examples into tensors, padding to the longest. Training pads on the right; batched
     generation needs the *left* so that every prompt ends at the last position."""
+    input_ids, attention_mask = pad_ids([e.input_ids for e in examples], pad_id, side)
+    labels, _ = pad_ids([e.labels for e in examples], IGNORE_INDEX, side)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pad_ids(ids: list[list[int]], pad_id: int, side: str = "left"):
+    """(input_ids, attention_mask) tensors for token-id lists of different lengths, padded on ``side``;
+    generation pads prompts on the left so that every one ends in the last column."""
     import torch
 
     if side not in ("left", "right"):
         raise ConfigError(f"padding side must be 'left' or 'right', got {side!r}")
-    T = max(len(e.input_ids) for e in examples)
-    ids, mask, labels = [], [], []
-    for e in examples:
-        n = T - len(e.input_ids)
-        pad_ids, pad_mask, pad_lab = [pad_id] * n, [0] * n, [IGNORE_INDEX] * n
-        one = [1] * len(e.input_ids)
-        if side == "right":
-            ids.append(e.input_ids + pad_ids), mask.append(one + pad_mask), labels.append(e.labels + pad_lab)
-        else:
-            ids.append(pad_ids + e.input_ids), mask.append(pad_mask + one), labels.append(pad_lab + e.labels)
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+    T = max(map(len, ids))
+    rows = [([pad_id] * (T - len(i)) + i, [0] * (T - len(i)) + [1] * len(i)) if side == "left"
+            else (i + [pad_id] * (T - len(i)), [1] * len(i) + [0] * (T - len(i))) for i in ids]
+    return torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
 
 
 def show_loss_mask(enc: Encoded, tokenizer, html: bool = True):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import rl
-from .chat import render
+from .chat import pad_ids, render
 from .errors import ConfigError, DataError
 from .tokenizer import require_pad_token
 
@@ -154,9 +154,8 @@ def rollout(policy: PolicyWithValue, ref_lm, tokenizer, prompts: list[str], scor
     device = next(policy.parameters()).device
     pad, eos = require_pad_token(tokenizer), tokenizer.eos_token_id
     ids = _prompt_ids(tokenizer, prompts, cfg.chat_format)
-    P = max(map(len, ids))
-    prompt = torch.tensor([[pad] * (P - len(i)) + i for i in ids], device=device)
-    prompt_attn = torch.tensor([[0] * (P - len(i)) + [1] * len(i) for i in ids], device=device)
+    prompt, prompt_attn = (t.to(device) for t in pad_ids(ids, pad, "left"))
+    P = prompt.size(1)
     policy.eval()
     if generator is not None:
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
@@ -209,13 +208,12 @@ def ppo_update(policy: PolicyWithValue, optimizer, buffer: dict, cfg: PPOConfig,
             b = torch.tensor(order[start : start + cfg.minibatch], device=buffer["seq"].device)
             mask = buffer["mask"][b]
             logits, values = _logprobs_and_values(policy, buffer["seq"][b], buffer["attn"][b], P, cfg.temperature)
-            logprobs = rl.token_logprobs(logits, buffer["responses"][b], mask)
+            logprobs, entropy = rl.token_logprobs_and_entropy(logits, buffer["responses"][b], mask)
             pg_loss, pg = rl.clipped_policy_loss(logprobs, buffer["logprobs"][b], buffer["advantages"][b], mask,
                                                  cfg.clip)
             vf_loss, vf = rl.clipped_value_loss(values * mask, buffer["values"][b], buffer["returns"][b], mask,
                                                 cfg.vf_clip)
-            log_p = torch.log_softmax(logits.float(), -1)
-            entropy = rl.masked_mean(-(log_p.exp() * log_p).sum(-1), mask)
+            entropy = rl.masked_mean(entropy, mask)
             loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * entropy
             if not torch.isfinite(loss):
                 raise DataError(f"PPO loss is {loss.item()}: stopping before it reaches the weights")

@@ -72,11 +72,22 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tenso
     Computed in float32 with ``log_softmax`` (a softmax, then a log, loses small probabilities in bf16).
     Positions where ``mask`` is 0 are set to 0.
     """
+    return token_logprobs_and_entropy(logits, tokens, mask)[0]
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
+                               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logprobs` and the entropy of each position's distribution, from one ``log_softmax``."""
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
         raise ConfigError(f"logits must be (B, T, V) and tokens (B, T); got {tuple(logits.shape)} and "
                           f"{tuple(tokens.shape)}")
-    out = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.long().unsqueeze(-1)).squeeze(-1)
-    return out if mask is None else out * _check_mask(mask, out)
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    out = torch.gather(log_p, 2, tokens.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    if mask is None:
+        return out, entropy
+    m = _check_mask(mask, out)
+    return out * m, entropy * m
 
 
 def kl_shaped_rewards(score: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
@@ -208,6 +219,13 @@ class AdaptiveKL:
         return self.beta
 
 
+def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(prompts, group_size) view of ``group_size`` consecutive rewards per prompt."""
+    if group_size < 2 or rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ConfigError(f"need a 1-D tensor of groups of {group_size} >= 2 rewards, got shape {tuple(rewards.shape)}")
+    return rewards.view(-1, group_size)
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
     """GRPO's advantages: each reward minus the mean of its group, divided by a standard deviation.
 
@@ -218,11 +236,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     """
     if scale not in ("group", "batch", "none"):
         raise ConfigError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    if group_size < 2 or rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ConfigError(f"need a 1-D tensor of groups of {group_size} >= 2 rewards, got shape {tuple(rewards.shape)}")
+    grouped = _groups(rewards, group_size)
     if not bool(torch.isfinite(rewards).all()):
         raise DataError("rewards must be finite")
-    grouped = rewards.view(-1, group_size)
     centred = (grouped - grouped.mean(1, keepdim=True)).view(-1)
     if scale == "none":
         return centred
@@ -236,8 +252,6 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     Unlike the group mean, this baseline does not contain the sample itself, so the estimate stays unbiased;
     it equals ``group_size / (group_size − 1)`` × (reward − group mean).
     """
-    if group_size < 2 or rewards.dim() != 1 or rewards.numel() % group_size:
-        raise ConfigError(f"need a 1-D tensor of groups of {group_size} >= 2 rewards, got shape {tuple(rewards.shape)}")
-    grouped = rewards.view(-1, group_size)
+    grouped = _groups(rewards, group_size)
     others = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
     return (grouped - others).view(-1)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import training
-from .chat import FORMATS, OVERFLOW, encode, pad_batch, render, to_messages
+from .chat import FORMATS, OVERFLOW, encode, pad_batch, pad_ids, render, to_messages
 from .data import StepBatchSampler
 from .errors import ConfigError, DataError
 from .objectives import token_loss_sum
@@ -277,13 +277,8 @@ def generate_answers(model, tokenizer, records: list[dict], fmt: str = "chatml",
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
-        T = max(map(len, ids))
-        if padding_side == "left":
-            x = torch.tensor([[pad] * (T - len(i)) + i for i in ids])
-            mask = torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids])
-        else:
-            x = torch.tensor([i + [pad] * (T - len(i)) for i in ids])
-            mask = torch.tensor([[1] * len(i) + [0] * (T - len(i)) for i in ids])
+        x, mask = pad_ids(ids, pad, padding_side)
+        T = x.size(1)
         limit = getattr(model.config, "max_position_embeddings", T + max_new_tokens)
         gen = model.generate(input_ids=x.to(device), attention_mask=mask.to(device), do_sample=False,
                              max_new_tokens=max(1, min(max_new_tokens, limit - T)), eos_token_id=tokenizer.eos_token_id,

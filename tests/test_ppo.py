@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from course_utils import ppo, rl
+from course_utils.chat import pad_ids
 from course_utils.errors import ConfigError, DataError
 from course_utils.world import rl_prompts
 
@@ -48,10 +49,9 @@ def test_forward_log_probs_equal_the_ones_generate_sampled_with(tokenizer):
             p.mul_(8.0 if "q_proj" in name or "k_proj" in name else 3.0 if "embed" in name else 1.0)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     ids = ppo._prompt_ids(tokenizer, PROMPTS, "chatml")
-    P = max(map(len, ids))
+    prompt, attn = pad_ids(ids, pad, "left")
+    P = prompt.size(1)
     assert min(map(len, ids)) < P, "prompts of equal length would not test the padding"
-    prompt = torch.tensor([[pad] * (P - len(i)) + i for i in ids])
-    attn = torch.tensor([[0] * (P - len(i)) + [1] * len(i) for i in ids])
     torch.manual_seed(0)
     with torch.no_grad():
         out = policy.lm.generate(input_ids=prompt, attention_mask=attn, do_sample=True, top_k=0, max_new_tokens=6,

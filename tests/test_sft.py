@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from course_utils.chat import encode, pad_batch, render, to_messages
+from course_utils.chat import encode, pad_batch, pad_ids, render, to_messages
 from course_utils.errors import ConfigError, DataError
 from course_utils.objectives import IGNORE_INDEX
 from course_utils.sft import (
@@ -95,6 +95,9 @@ def test_padding_sides(tokenizer):
     assert right["input_ids"][1, -n:].eq(pad).all() and right["attention_mask"][1, -n:].eq(0).all()
     assert left["input_ids"][1, :n].eq(pad).all() and left["attention_mask"][1, :n].eq(0).all()
     assert right["labels"][1, -n:].eq(IGNORE_INDEX).all() and left["labels"][1, :n].eq(IGNORE_INDEX).all()
+    for side, batch in (("right", right), ("left", left)):
+        ids, mask = pad_ids([a.input_ids, b.input_ids], pad, side)
+        assert torch.equal(ids, batch["input_ids"]) and torch.equal(mask, batch["attention_mask"])
     with pytest.raises(ConfigError):
         pad_batch([a], pad, "middle")
 

@@ -29,8 +29,6 @@ def test_same_seed_same_output_and_different_seed_differs():
 
 
 def test_counts_exact(smoke_world):
-    from course_utils.profiles import get_profile
-
     size = get_profile("smoke").world
     train = {"pretrain": size.pretrain_docs, "sft": size.sft_examples, "preference": size.pref_pairs,
              "rl": size.rl_prompts}
