@@ -3,6 +3,8 @@
     llm-course pipeline              # every stage, default profile, writes a report
     llm-course pretrain --max-steps 200 --lr 1e-3
     llm-course rm --label-noise 0.2  # only the reward model (builds the SFT model first if missing)
+    llm-course ppo --kl-beta 0       # only PPO (chapter 06), here the no-KL-penalty ablation
+    llm-course dpo --beta 0.5        # only DPO (chapter 07)
     llm-course world --out data/     # write the tiny world's JSONL files
     llm-course notebooks             # re-execute notebooks in place (tiny profile outputs)
     llm-course env                   # what this machine has, which profile is in force
@@ -80,6 +82,22 @@ def cmd_rm(args) -> int:
     return 0
 
 
+def cmd_ppo(args) -> int:
+    from .ppo import PPOConfig, main
+
+    metrics = main(PPOConfig.for_profile(args.profile, **_overrides(args, PPOConfig)), out_dir=args.out)
+    print(f"checkpoint: {metrics['checkpoint']}")
+    return 0
+
+
+def cmd_dpo(args) -> int:
+    from .dpo import DPOConfig, main
+
+    metrics = main(DPOConfig.for_profile(args.profile, **_overrides(args, DPOConfig)), out_dir=args.out)
+    print(f"checkpoint: {metrics['checkpoint']}")
+    return 0
+
+
 def cmd_world(args) -> int:
     from .profiles import get_profile
     from .world import write_world
@@ -152,6 +170,8 @@ def cmd_exercises(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .dpo import DPOConfig
+    from .ppo import PPOConfig
     from .pretrain import PretrainConfig
     from .reward import RewardConfig
 
@@ -183,6 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="stage folder (default: runs/<profile>/rm)")
     _add_config_flags(p, RewardConfig)
     p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("ppo", parents=[common], help="only the PPO stage (builds the SFT model and RM if missing)")
+    p.add_argument("--out", default=None, help="stage folder (default: runs/<profile>/ppo)")
+    _add_config_flags(p, PPOConfig)
+    p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser("dpo", parents=[common], help="only the DPO stage (builds the SFT model and RM if missing)")
+    p.add_argument("--out", default=None, help="stage folder (default: runs/<profile>/dpo)")
+    _add_config_flags(p, DPOConfig)
+    p.set_defaults(func=cmd_dpo)
 
     p = sub.add_parser("world", parents=[common], help="write the tiny world's JSONL files")
     p.add_argument("--out", required=True)

@@ -1,6 +1,6 @@
 """``llm-course gpu-smoke``: the gpu profile, briefly, on a CUDA machine.
 
-Three checks on the profile's real base model, each printing what it measured:
+Four checks on the profile's real base model, each printing what it measured:
 
 1. continued pretraining in bf16 for a few steps on real TinyStories text: held-out perplexity
    before/after, tokens/s, peak memory;
@@ -8,11 +8,13 @@ Three checks on the profile's real base model, each printing what it measured:
    added by PEFT, a few steps on Alpaca rows: 4-bit vs bf16 bytes of the Linear weights, trainable
    parameters, loss before/after, peak memory;
 3. reward model (chapter 05): the continued-pretrained model with a score head, a few Bradley–Terry steps on
-   hh-rlhf pairs: pairwise loss before/after on a fixed batch, held-out pairwise accuracy.
+   hh-rlhf pairs: pairwise loss before/after on a fixed batch, held-out pairwise accuracy;
+4. RLHF (chapters 06–07): a few PPO steps of the model against that reward model on hh-rlhf prompts (RM score,
+   KL, the reference's bit-identity), then a few DPO steps on hh-rlhf pairs (loss before/after).
 
 Needs CUDA and network access to the Hugging Face Hub (first run only). :func:`qlora_smoke` takes the
-model source as an argument, so the tests run its code path on CPU with a local folder; :func:`rm_smoke`
-takes a model object, likewise.
+model source as an argument, so the tests run its code path on CPU with a local folder; :func:`rm_smoke` and
+:func:`rlhf_smoke` take model objects, likewise.
 """
 
 from __future__ import annotations
@@ -50,7 +52,14 @@ def run_gpu_smoke(steps: int = 20) -> int:
     print(f"  reward model on hh-rlhf: pairwise loss {r['loss_before']:.3f} -> {r['loss_after']:.3f} after "
           f"{r['steps']} steps ({r['seconds']:.0f} s); held-out pairwise accuracy {r['accuracy']:.0%} "
           f"on {r['pairs']} pairs")
-    del model
+    torch.cuda.reset_peak_memory_stats()
+    x = rlhf_smoke(model, tokenizer, r["model"], steps=max(2, steps // 2))
+    print(f"  PPO against that RM on hh-rlhf prompts: RM score {x['rm_first']:+.3f} -> {x['rm_last']:+.3f}, KL "
+          f"{x['kl_last']:.3f} after {x['ppo_steps']} steps ({x['ppo_seconds']:.0f} s; reference unchanged: "
+          f"{x['reference_unchanged']}; cut without EOS {x['counts']['truncated']} of {x['counts']['responses']})")
+    print(f"  DPO on hh-rlhf pairs: loss {x['dpo_loss_first']:.3f} -> {x['dpo_loss_last']:.3f} after {x['dpo_steps']} "
+          f"steps ({x['dpo_seconds']:.0f} s); peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    del model, r
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     q = qlora_smoke(p.base_model, tokenizer, steps)
@@ -133,4 +142,39 @@ def rm_smoke(model, tokenizer, steps: int = 20, n_rows: int = 256, eval_pairs: i
     after = probe_loss()
     ev = evaluate(rm, tokenizer, test_rows, cfg)
     return {"loss_before": before, "loss_after": after, "steps": result["steps"], "seconds": result["seconds"],
-            "accuracy": ev["accuracy"], "pairs": ev["pairs"]}
+            "accuracy": ev["accuracy"], "pairs": ev["pairs"], "model": rm}
+
+
+def rlhf_smoke(model, tokenizer, rm, steps: int = 10, n_prompts: int = 256, **ppo_overrides) -> dict:
+    """A few PPO steps of ``model`` against ``rm`` on hh-rlhf prompts, then a few DPO steps on hh-rlhf pairs.
+
+    Both start from copies (``model`` untouched). Returns the RM score and KL of the first and last PPO steps, the
+    reference's bit-identity, and the DPO loss of the first and last steps. ``ppo_overrides`` change the gpu
+    preset's ``PPOConfig`` (the tests shrink it for a tiny model).
+    """
+    import copy
+
+    from . import dpo, ppo
+    from .reward import RewardConfig, build_pairs, clean_pairs, encode_pairs, reward_scores
+
+    cfg = ppo.PPOConfig.for_profile("gpu", **{"steps": steps, "progress": False, "log_every": 0, **ppo_overrides})
+    rm_cfg = RewardConfig.for_profile("gpu")
+    rows, _ = ppo.prompt_rows("gpu", n_prompts, 1, cfg.seed)
+    policy, ref = ppo.PolicyWithValue(copy.deepcopy(model)), ppo.frozen(copy.deepcopy(model))
+    digest = ppo.parameters_digest(ref)
+    t0 = time.perf_counter()
+    result = ppo.train(cfg, policy, ref, tokenizer, rows, lambda q, t: reward_scores(rm, tokenizer, q, t, rm_cfg),
+                       log=lambda *_: None)
+    h = result["history"]
+    out = {"ppo_steps": len(h), "ppo_seconds": time.perf_counter() - t0, "rm_first": h[0]["rm_score"],
+           "rm_last": h[-1]["rm_score"], "kl_last": h[-1]["kl"], "reference_unchanged": ppo.parameters_digest(ref) == digest,
+           "counts": result["counts"]}
+    del policy
+    dcfg = dpo.DPOConfig.for_profile("gpu", max_steps=steps, warmup_steps=1, progress=False, log_every=1,
+                                     batch_size=cfg.minibatch)
+    pair_rows, _ = build_pairs(RewardConfig.for_profile("gpu", max_pairs=n_prompts, eval_pairs=1))
+    pairs, _ = encode_pairs(clean_pairs(pair_rows)[0], tokenizer, rm_cfg)
+    t0 = time.perf_counter()
+    d = dpo.train(dcfg, copy.deepcopy(model), ref, tokenizer, pairs)["history"]
+    return {**out, "dpo_steps": len(d), "dpo_seconds": time.perf_counter() - t0, "dpo_loss_first": d[0]["loss"],
+            "dpo_loss_last": d[-1]["loss"], "dpo_accuracy_last": d[-1]["accuracy"]}

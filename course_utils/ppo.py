@@ -14,13 +14,19 @@ One PPO step:
 
 The reference model is never trained: :func:`frozen` puts it in eval mode with gradients off, and the tests
 check its parameters are bit-identical after training.
+
+The stage (:func:`main`, ``llm-course ppo``) normalises the RM's scores on the SFT model's own samples
+(:func:`reward_normaliser`), runs :func:`train`, and judges the result against the SFT model on held-out prompts
+(``judge.py``); :func:`plot_history` draws the rewards and KL of a run.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,11 +34,22 @@ from torch import nn
 from . import rl
 from .chat import pad_ids, render
 from .errors import ConfigError, DataError
+from .profiles import get_profile
 from .tokenizer import require_pad_token
 
 
 @dataclass
 class PPOConfig:
+    # --- the stage
+    profile: str = "tiny"
+    seed: int = 0  # prompt order, sampling, minibatch order
+    steps: int = 200  # PPO steps: one rollout + ppo_epochs passes over it each
+    reward: str = "rm"  # "rm": the learned reward model; "gold": the tiny world's true scorer (an oracle, to compare)
+    reward_norm: bool = True  # standardise scores with their mean/std on the SFT model's own samples (measured once)
+    eval_prompts: int = 200  # held-out prompts for the comparison with the SFT model
+    eval_samples: int = 4  # sampled answers per held-out prompt and policy
+    log_every: int = 10
+    progress: bool = True
     chat_format: str = "chatml"
     # --- rollouts
     rollout_batch: int = 32  # prompts per rollout: the experience buffer
@@ -41,7 +58,7 @@ class PPOConfig:
     # --- PPO
     ppo_epochs: int = 2  # passes over each buffer
     minibatch: int = 8  # rows per gradient step
-    lr: float = 1e-5
+    lr: float = 3e-5
     value_lr_mult: float = 1.0  # > 1: the zero-initialised value head learns faster than the body
     clip: float = 0.2
     vf_clip: float = 0.2
@@ -52,9 +69,11 @@ class PPOConfig:
     whiten_advantages: bool = True
     grad_clip: float = 1.0
     # --- KL control
-    kl_beta: float = 0.05  # initial β
-    kl_target: float = 0.0  # > 0: adaptive β towards this KL per response; 0: β stays fixed
-    kl_horizon: int = 10_000
+    kl_beta: float = 1.0  # initial β (per nat of KL, in units of the normalised reward)
+    kl_target: float = 0.5  # > 0: adaptive β towards this KL per response (nats); 0: β stays fixed at kl_beta
+    kl_horizon: int = 500  # samples over which β can change by about ±20%
+    # --- rewards
+    no_eos_penalty: float = 1.0  # subtracted from the score of a response cut at max_new_tokens without EOS
 
     def validate(self) -> None:
         for name in ("rollout_batch", "max_new_tokens", "ppo_epochs", "minibatch", "kl_horizon"):
@@ -66,6 +85,18 @@ class PPOConfig:
             raise ConfigError("temperature, lr, value_lr_mult, clip and vf_clip must be > 0")
         if self.kl_beta < 0 or self.kl_target < 0:
             raise ConfigError("kl_beta and kl_target must be >= 0")
+        if self.kl_target > 0 and self.kl_beta == 0:
+            raise ConfigError("the adaptive KL controller (kl_target > 0) needs kl_beta > 0 to start from; "
+                              "for no KL penalty set kl_beta=0 and kl_target=0")
+        if self.reward not in ("rm", "gold"):
+            raise ConfigError(f"reward must be 'rm' or 'gold', got {self.reward!r}")
+        if self.steps < 1 or self.eval_prompts < 1 or self.eval_samples < 1:
+            raise ConfigError("steps, eval_prompts and eval_samples must be >= 1")
+
+    @classmethod
+    def for_profile(cls, profile: str | None = None, **overrides) -> "PPOConfig":
+        p = get_profile(profile)
+        return replace(replace(cls(profile=p.name, seed=p.seed), **PRESETS[p.name]), **overrides)
 
     def kl_controller(self):
         return rl.AdaptiveKL(self.kl_beta, self.kl_target, self.kl_horizon) if self.kl_target > 0 \
@@ -143,34 +174,66 @@ def _logprobs_and_values(policy: PolicyWithValue, seq: torch.Tensor, attn: torch
 
 
 @torch.no_grad()
+def sample(lm, tokenizer, prompts: list[str], fmt: str = "chatml", max_new_tokens: int = 24, temperature: float = 1.0,
+           greedy: bool = False) -> dict:
+    """Responses to ``prompts`` from a causal LM, with everything PPO needs to score them again.
+
+    Returns {"prompt", "prompt_attn", "responses", "mask", "stopped", "texts"}: left-padded prompts, the generated
+    tokens (B, T), the :func:`response_mask` (up to and including the first EOS), whether each row stopped, and
+    the decoded texts. Sampling is plain ancestral sampling at ``temperature`` (no top-k, no top-p), which is the
+    distribution whose log-probs PPO computes; ``greedy`` takes the arg-max instead.
+    """
+    device = next(lm.parameters()).device
+    pad, eos = require_pad_token(tokenizer), tokenizer.eos_token_id
+    prompt, prompt_attn = (t.to(device) for t in pad_ids(_prompt_ids(tokenizer, prompts, fmt), pad, "left"))
+    lm.eval()
+    knobs = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=0, top_p=1.0, temperature=temperature)
+    gen = lm.generate(input_ids=prompt, attention_mask=prompt_attn, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                      pad_token_id=pad, **knobs)
+    responses = gen[:, prompt.size(1):]
+    if responses.size(1) == 0:
+        raise DataError("the policy generated no token at all")
+    mask, stopped = response_mask(responses, eos)
+    texts = [tokenizer.decode([t for t, m in zip(row, mrow) if m and t != eos], skip_special_tokens=True).strip()
+             for row, mrow in zip(responses.tolist(), mask.tolist())]
+    return {"prompt": prompt, "prompt_attn": prompt_attn, "responses": responses, "mask": mask, "stopped": stopped,
+            "texts": texts}
+
+
+@torch.no_grad()
+def sequence_kl(lm, ref_lm, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+    """(B,) Σ_t log π(y_t) − log π_ref(y_t) over each sampled response of :func:`sample`: a one-sample
+    estimate of KL(π‖π_ref) per response."""
+    seq = torch.cat([batch["prompt"], batch["responses"]], 1)
+    attn = torch.cat([batch["prompt_attn"], batch["mask"].long()], 1)
+    P, out = batch["prompt"].size(1), []
+    for model in (lm, ref_lm):
+        logits = model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn)).logits[:, P - 1 : -1]
+        out.append(rl.token_logprobs(logits / temperature, batch["responses"], batch["mask"]))
+    return (out[0] - out[1]).sum(1)
+
+
+@torch.no_grad()
 def rollout(policy: PolicyWithValue, ref_lm, tokenizer, prompts: list[str], score_fn, cfg: PPOConfig, beta: float,
             generator: torch.Generator | None = None) -> dict:
     """Sample, score and shape one batch: the experience buffer of one PPO step.
 
     ``score_fn(prompts, responses) -> list[float]`` scores the decoded responses (the reward model, in the
     course). Rows whose score is not finite are dropped and counted (``nan_scores``) instead of trained on.
+    A response cut at ``max_new_tokens`` without EOS loses ``cfg.no_eos_penalty`` from its score.
     With a ``generator``, sampling is seeded from it (through torch's global seed, which ``generate`` uses).
     """
-    device = next(policy.parameters()).device
-    pad, eos = require_pad_token(tokenizer), tokenizer.eos_token_id
-    ids = _prompt_ids(tokenizer, prompts, cfg.chat_format)
-    prompt, prompt_attn = (t.to(device) for t in pad_ids(ids, pad, "left"))
-    P = prompt.size(1)
-    policy.eval()
     if generator is not None:
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-    gen = policy.lm.generate(input_ids=prompt, attention_mask=prompt_attn, do_sample=True, top_k=0, top_p=1.0,
-                             temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
-                             pad_token_id=pad)
-    responses = gen[:, P:]
-    if responses.size(1) == 0:
-        raise DataError("the policy generated no token at all")
-    mask, stopped = response_mask(responses, eos)
-    texts = [tokenizer.decode([t for t, m in zip(row, mrow) if m and t != eos], skip_special_tokens=True).strip()
-             for row, mrow in zip(responses.tolist(), mask.tolist())]
+    batch = sample(policy.lm, tokenizer, prompts, cfg.chat_format, cfg.max_new_tokens, cfg.temperature)
+    prompt, prompt_attn, responses = batch["prompt"], batch["prompt_attn"], batch["responses"]
+    mask, stopped, texts, P = batch["mask"], batch["stopped"], batch["texts"], prompt.size(1)
+    device = prompt.device
     scores = torch.tensor([float(s) for s in score_fn(prompts, texts)], device=device)
     if scores.shape != (len(prompts),):
         raise DataError(f"score_fn returned {scores.numel()} scores for {len(prompts)} responses")
+    raw_scores = scores.clone()
+    scores = scores - cfg.no_eos_penalty * (~stopped).float()
     keep = torch.isfinite(scores)
     stats = {"empty": sum(not t for t in texts), "truncated": int((~stopped).sum()), "nan_scores": int((~keep).sum())}
     if not bool(keep.any()):
@@ -189,7 +252,7 @@ def rollout(policy: PolicyWithValue, ref_lm, tokenizer, prompts: list[str], scor
     advantages, returns = rl.gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages and mask.sum() > 1:
         advantages = rl.whiten(advantages, mask)
-    stats.update(score=scores.mean().item(), kl=kl.sum(1).mean().item(),
+    stats.update(score=raw_scores[idx].mean().item(), reward=scores.mean().item(), kl=kl.sum(1).mean().item(),
                  response_tokens=mask.sum(1).mean().item())
     return {"seq": seq, "attn": attn, "P": P, "responses": responses, "mask": mask, "logprobs": logprobs,
             "values": values, "advantages": advantages, "returns": returns, "scores": scores,
@@ -225,3 +288,225 @@ def ppo_update(policy: PolicyWithValue, optimizer, buffer: dict, cfg: PPOConfig,
                          **pg, **vf})
     return {k: sum(x[k] for x in logs if not math.isnan(x[k])) / max(1, sum(not math.isnan(x[k]) for x in logs))
             for k in logs[0]}
+
+
+PRESETS = {
+    "smoke": dict(steps=3, rollout_batch=8, minibatch=4, max_new_tokens=12, eval_prompts=8, eval_samples=1,
+                  log_every=1),
+    # the defaults; measured in notebook 06 and the pipeline report (README: chapter 06)
+    "tiny": dict(),
+    "gpu": dict(steps=200, rollout_batch=64, minibatch=16, max_new_tokens=128, lr=1e-6, eval_prompts=200,
+                eval_samples=1),
+}
+
+
+# --- the training loop --------------------------------------------------------------------------------
+
+
+def reward_normaliser(policy: PolicyWithValue, tokenizer, prompts: list[str], score_fn, cfg: PPOConfig,
+                      generator: torch.Generator | None = None) -> tuple[float, float]:
+    """(mean, std) of ``score_fn`` over the policy's own samples for ``prompts``, measured before training.
+
+    An RM's scale is arbitrary (the Bradley–Terry loss only sees differences); subtracting the SFT model's mean
+    and dividing by its std makes 0 mean "as good as SFT" and puts the RM score and β·KL in known units.
+    """
+    if generator is not None:
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    batch = sample(policy.lm, tokenizer, prompts, cfg.chat_format, cfg.max_new_tokens, cfg.temperature)
+    scores = torch.tensor([float(s) for s in score_fn(prompts, batch["texts"])])
+    scores = scores[torch.isfinite(scores)]
+    if scores.numel() < 2:
+        raise DataError("fewer than two finite scores: cannot normalise the reward")
+    return scores.mean().item(), max(scores.std().item(), 1e-6)
+
+
+def train(cfg: PPOConfig, policy: PolicyWithValue, ref_lm, tokenizer, rows: list[dict], score_fn, gold_fn=None,
+          tracker=None, log=print) -> dict:
+    """``cfg.steps`` PPO steps on prompts drawn from ``rows`` (dicts with a "prompt"). Returns the history.
+
+    ``score_fn(prompts, texts)`` is the reward being optimised; ``gold_fn(rows, texts)``, where the world has one,
+    is the true score, logged next to it and never trained on: the two curves show over-optimisation.
+    """
+    from tqdm import tqdm
+
+    cfg.validate()
+    g, rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
+    mean, std = 0.0, 1.0
+    if cfg.reward_norm:
+        calib = [r["prompt"] for r in rng.sample(rows, min(len(rows), max(64, cfg.rollout_batch)))]
+        mean, std = reward_normaliser(policy, tokenizer, calib, score_fn, cfg, g)
+        log(f"  reward normalisation on the SFT model's samples: mean {mean:+.3f}, std {std:.3f}")
+
+    def normalised(prompts, texts):
+        return [(float(s) - mean) / std for s in score_fn(prompts, texts)]
+
+    ctl, opt = cfg.kl_controller(), make_optimizer(policy, cfg)
+    history, counts, t0 = [], {"empty": 0, "truncated": 0, "nan_scores": 0, "responses": 0}, time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc="PPO", ncols=100, disable=not cfg.progress)
+    for step in bar:
+        batch_rows = [rows[rng.randrange(len(rows))] for _ in range(cfg.rollout_batch)]
+        beta = ctl.beta
+        buf = rollout(policy, ref_lm, tokenizer, [r["prompt"] for r in batch_rows], normalised, cfg, beta, g)
+        diag = ppo_update(policy, opt, buf, cfg, rng)
+        ctl.update(buf["stats"]["kl"], len(buf["kept"]))
+        st = buf["stats"]
+        for k in ("empty", "truncated", "nan_scores"):
+            counts[k] += st[k]
+        counts["responses"] += cfg.rollout_batch
+        row = {"step": step + 1, "rm_score": st["score"] * std + mean,  # in the scorer's own units
+               "reward": st["reward"], "kl": st["kl"], "beta": beta, "response_tokens": st["response_tokens"],
+               "truncated": st["truncated"], "empty": st["empty"], "nan_scores": st["nan_scores"], **diag}
+        if gold_fn is not None:
+            kept = [batch_rows[i] for i in buf["kept"]]
+            row["true_score"] = sum(gold_fn(kept, buf["texts"])) / len(kept)
+        history.append(row)
+        if tracker is not None:
+            tracker.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
+        bar.set_postfix(rm=f"{row['rm_score']:.2f}", kl=f"{row['kl']:.2f}", beta=f"{beta:.3f}")
+        if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step == 0):
+            tqdm.write(f"  step {step + 1:4d}  RM {row['rm_score']:+.2f}"
+                       + (f"  true {row['true_score']:.3f}" if "true_score" in row else "")
+                       + f"  KL {row['kl']:5.2f}  β {beta:.4f}  clip {diag['clip_fraction']:.3f}"
+                       f"  EV {diag['explained_variance']:+.2f}  len {st['response_tokens']:.1f}")
+    settled = [r["kl"] for r in history[len(history) // 4 :]]  # after warm-up: the first quarter of the steps
+    return {"history": history, "counts": counts, "steps": cfg.steps, "seconds": time.perf_counter() - t0,
+            "reward_norm": {"mean": mean, "std": std}, "final_beta": ctl.beta,
+            "kl_after_warmup": sum(settled) / len(settled)}
+
+
+def parameters_digest(model) -> str:
+    """A hash of every parameter's bytes: equal digests mean bit-identical weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def gold_scores(rows: list[dict], texts: list[str]) -> list[float]:
+    """The tiny world's true score of each response (rows carry the task's ``meta``)."""
+    from .world import score_response
+
+    return [score_response(r["meta"], t).total for r, t in zip(rows, texts)]
+
+
+def prompt_rows(profile, n_train: int, n_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training prompts, held-out prompts): the tiny world's RL prompts, or the preference data's prompts (gpu)."""
+    p = get_profile(profile)
+    if p.offline:
+        from .world import rl_prompts
+
+        return rl_prompts(seed, n_train, "train"), rl_prompts(seed, n_eval, "test")
+    from .reward import RewardConfig, build_pairs
+
+    train_rows, test_rows = build_pairs(RewardConfig.for_profile(p.name, max_pairs=n_train, eval_pairs=n_eval))
+    unique = lambda rows: list({r["prompt"]: {"prompt": r["prompt"]} for r in rows}.values())  # noqa: E731
+    return unique(train_rows), unique(test_rows)[:n_eval]
+
+
+# --- the stage ----------------------------------------------------------------------------------------
+
+
+def main(cfg: PPOConfig | None = None, out_dir=None, tracker=None, log=print, sft=None, rm=None) -> dict:
+    """Run PPO from the SFT model against the reward model; save ``<out_dir>/final``. Returns metrics."""
+    import copy
+
+    from . import judge
+    from .checkpoint import save_checkpoint
+    from .reward import RewardConfig, reward_scores
+    from .stages import load_stage, stage_dir
+
+    cfg = cfg or PPOConfig.for_profile()
+    cfg.validate()
+    p = get_profile(cfg.profile)
+    if cfg.reward == "gold" and not p.offline:
+        raise ConfigError("reward='gold' needs the tiny world's true scorer; the gpu profile has none")
+    out_dir = Path(out_dir) if out_dir else stage_dir("ppo", p)
+    t0 = time.perf_counter()
+    sft_lm, tokenizer = sft if sft is not None else load_stage("sft", p)
+    rm_model, _ = rm if rm is not None else load_stage("rm", p)
+    rm_cfg = RewardConfig.for_profile(p.name, chat_format=cfg.chat_format)
+    rm_model = rm_model.eval()
+
+    def rm_fn(prompts, texts):
+        return reward_scores(rm_model, tokenizer, prompts, texts, rm_cfg)
+
+    gold_fn = gold_scores if p.offline else None
+    score_fn = rm_fn
+    train_rows, test_rows = prompt_rows(p.name, p.world.rl_prompts, cfg.eval_prompts, cfg.seed)
+    if cfg.reward == "gold":  # the scorer needs each prompt's meta: look rows up by prompt
+        by_prompt = {r["prompt"]: r for r in train_rows}
+        score_fn = lambda prompts, texts: gold_scores([by_prompt[q] for q in prompts], texts)  # noqa: E731
+    policy = PolicyWithValue(copy.deepcopy(sft_lm).float())
+    ref = frozen(copy.deepcopy(sft_lm).float())
+    ref_digest = parameters_digest(ref)
+    log(f"  PPO: {len(train_rows)} prompts, {cfg.steps} steps × {cfg.rollout_batch} rollouts, reward {cfg.reward}, "
+        f"β {cfg.kl_beta} ({'adaptive, target KL ' + str(cfg.kl_target) if cfg.kl_target else 'fixed'})")
+    result = train(cfg, policy, ref, tokenizer, train_rows, score_fn, gold_fn, tracker=tracker, log=log)
+    unchanged = parameters_digest(ref) == ref_digest
+    if not unchanged:
+        raise RuntimeError("the reference model's parameters changed during PPO: it must stay frozen")
+    comparison = judge.compare({"sft": ref, "ppo": policy.lm}, tokenizer, test_rows, ref, "sft", cfg.chat_format,
+                               cfg.max_new_tokens, cfg.eval_samples, gold_fn, rm_fn, seed=cfg.seed + 1)
+    log("  held-out comparison:\n" + "\n".join("    " + line for line in judge.summary(comparison).splitlines()))
+    save_checkpoint(out_dir / "final", policy.lm, step=cfg.steps, tokenizer=tokenizer,
+                    state={"history": result["history"], "config": asdict(cfg)})
+    return {**{k: v for k, v in result.items() if k != "seconds"}, "train_seconds": result["seconds"],
+            "comparison": comparison, "reference_unchanged": unchanged, "seconds": time.perf_counter() - t0,
+            "checkpoint": str(out_dir / "final"), "config": asdict(cfg)}
+
+
+def smooth(values: list[float], window: int = 10) -> list[float]:
+    """Trailing moving average (shorter at the start), for noisy per-step curves."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_history(history: list[dict], title: str = "PPO", window: int = 10, axes=None):
+    """Three panels from :func:`train`'s history: rewards by step, KL and β by step, and true score and RM
+    score against KL (reward over-optimisation: the proxy keeps rising where the truth stops). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    fig = axes[0].figure
+    steps = [r["step"] for r in history]
+    rm, kl = smooth([r["rm_score"] for r in history], window), smooth([r["kl"] for r in history], window)
+    ax = axes[0]
+    ax.plot(steps, rm, color="C0", label="RM score (optimised)")
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel("RM score", color="C0")
+    if "true_score" in history[0]:
+        true = smooth([r["true_score"] for r in history], window)
+        twin = ax.twinx()
+        twin.plot(steps, true, color="C3", label="true score (never seen)")
+        twin.set_ylabel("true score", color="C3")
+    ax.set_title(f"{title}: rewards (moving average of {window})")
+    ax = axes[1]
+    ax.plot(steps, kl, color="C2", label="KL(π‖π_ref) per response")
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel("KL (nats)")
+    twin = ax.twinx()
+    twin.plot(steps, [r["beta"] for r in history], color="k", ls="--", label="β")
+    twin.set_ylabel("β")
+    ax.set_title("KL to the reference, and β")
+    ax = axes[2]
+    ax.scatter(kl, rm, s=8, color="C0", label="RM score")
+    ax.set_xlabel("KL to the reference (moving average)")
+    ax.set_ylabel("RM score", color="C0")
+    if "true_score" in history[0]:
+        twin = ax.twinx()
+        twin.scatter(kl, true, s=8, color="C3", label="true score")
+        twin.set_ylabel("true score", color="C3")
+    ax.set_title("rewards against KL")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -101,6 +101,70 @@ def _rm_section(rm: dict | None, out_dir: Path) -> list[str]:
     return lines
 
 
+def _rlhf_section(ppo: dict | None, dpo: dict | None, out_dir: Path) -> list[str]:
+    """One table for SFT, PPO and DPO on the same held-out prompts, the PPO curves, and samples side by side."""
+    runs = {name: m for name, m in (("ppo", ppo), ("dpo", dpo)) if m}
+    if not runs:
+        return []
+    import matplotlib.pyplot as plt
+
+    policies = {}
+    for name, m in runs.items():
+        policies.setdefault("sft", m["comparison"]["policies"]["sft"])
+        policies[name] = m["comparison"]["policies"][name]
+    first = next(iter(runs.values()))["comparison"]
+    lines = ["", "## RLHF: PPO (近端策略优化) and DPO (直接偏好优化)", "",
+             f"{first['prompts']} held-out prompts, {first['samples_per_prompt']} sampled answers each (temperature 1) "
+             "and one greedy answer per policy. *True score*: the tiny world's scorer, which no policy was trained on; "
+             "*RM*: the learned reward model PPO optimised; *KL*: log π − log π_ref summed over each sampled answer. "
+             "Win-rate vs SFT counts a tie as half; per prompt, a policy wins when the mean true score of its answers "
+             "is higher. The reference (SFT) model's weights were bit-identical after each stage.", "",
+             "| policy | true score (sampled) | true score (greedy) | RM score | KL to SFT | win-rate vs SFT, prompts "
+             "(W/T/L) | per answer | greedy | cut without EOS |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in policies.items():
+        gold = "true_score" in m
+        v, a, g = m.get("vs_baseline"), m.get("vs_baseline_per_sample"), m.get("vs_baseline_greedy")
+        lines.append(f"| {name.upper()} | {m['true_score']:.3f} | {m['true_score_greedy']:.3f} | " if gold else
+                     f"| {name.upper()} | – | – | ")
+        lines[-1] += (f"{m['rm_score']:+.2f} | {m['kl']:.2f} | "
+                      + (f"**{v['win_rate']:.1%}** ±{v['ci95']:.1%} ({v['win']:.0%}/{v['tie']:.0%}/{v['loss']:.0%}) | "
+                         f"{a['win_rate']:.1%} | {g['win_rate']:.1%}" if v else "– | – | –")
+                      + f" | {m['truncated']:.1%} |")
+    if ppo:
+        from .ppo import plot_history as plot_ppo
+
+        fig = plot_ppo(ppo["history"])
+        fig.savefig(out_dir / "plots" / "ppo.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        c, n = ppo["config"], ppo["counts"]
+        control = (f"adaptive β (target KL {c['kl_target']}, started at {c['kl_beta']}, ended at {ppo['final_beta']:.3f}; "
+                   f"mean KL per response after the first quarter of the steps {ppo['kl_after_warmup']:.2f}, "
+                   f"{ppo['kl_after_warmup'] / c['kl_target'] - 1:+.0%} of the target)"
+                   if c["kl_target"] else f"fixed β = {c['kl_beta']}")
+        lines += ["", f"PPO: {ppo['steps']} steps × {c['rollout_batch']} rollouts, {c['ppo_epochs']} epochs of "
+                  f"minibatches of {c['minibatch']}, lr {c['lr']}, {control}; {ppo['train_seconds']:.0f} s. Of "
+                  f"{n['responses']} sampled responses, {n['truncated']} were cut at {c['max_new_tokens']} tokens "
+                  f"without EOS (score − {c['no_eos_penalty']}), {n['empty']} were empty, {n['nan_scores']} had a NaN "
+                  "score (dropped).", "", "![PPO curves](plots/ppo.png)"]
+    if dpo:
+        h, c = dpo["history"][-1], dpo["config"]
+        source = ("on-policy pairs (best and worst of the SFT model's samples by RM score)" if c["pairs"] == "on_policy"
+                  else "cleaned labelled preference pairs")
+        lines += ["", f"DPO: {dpo['pairs']} {source}, {dpo['steps']} steps of {c['batch_size']}, "
+                  f"β {c['beta']}, loss {c['loss_type']}, lr {c['lr']}; {dpo['train_seconds']:.0f} s. Last logged step: "
+                  f"implicit-reward accuracy {h['accuracy']:.0%}, margin {h['margin']:+.2f} (chosen "
+                  f"{h['chosen_reward']:+.2f}, rejected {h['rejected_reward']:+.2f})."]
+    names = ["sft", *runs]
+    samples = [dict(row) for row in first["samples"]]
+    for name, m in runs.items():
+        for row, other in zip(samples, m["comparison"]["samples"]):
+            row[name] = other[name]
+    lines += ["", "### Sampled answers side by side (first sample of each policy)", "",
+              "| prompt | " + " | ".join(n.upper() for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += ["| " + " | ".join(_md_escape(r[k]) for k in ["prompt", *names]) + " |" for r in samples]
+    return lines
+
+
 def write_report(out_dir, metrics: dict) -> Path:
     """Write report.md, metrics.json and plots/ under ``out_dir``; return the report path."""
     import matplotlib
@@ -137,6 +201,7 @@ def write_report(out_dir, metrics: dict) -> Path:
         lines += [f"| {_md_escape(s['prompt'])} | {_md_escape(s['before'])} | {_md_escape(s['after'])} |" for s in pre["samples"]]
     lines += _sft_section(metrics["stages"].get("sft"), out_dir)
     lines += _rm_section(metrics["stages"].get("rm"), out_dir)
+    lines += _rlhf_section(metrics["stages"].get("ppo"), metrics["stages"].get("dpo"), out_dir)
     report = out_dir / "report.md"
     with atomic_open(report) as f:
         f.write("\n".join(lines) + "\n")

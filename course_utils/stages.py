@@ -3,7 +3,7 @@
 ``load_stage("base")`` returns the pretrained model and its tokenizer. If the
 checkpoint does not exist yet, it is built first (seconds in the ``smoke``
 profile, minutes in ``tiny``), so any notebook can start from any chapter.
-Later chapters add "ppo", "dpo" here.
+"ppo" and "dpo" are the two RLHF policies (chapters 06–07).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 from .errors import ConfigError
 from .profiles import Profile, get_profile, runs_dir
 
-STAGES = {"base": "pretrain", "sft": "sft", "rm": "rm"}  # "rm" holds a sequence classifier (one reward)  # stage name -> folder under runs/<profile>/
+# stage name -> folder under runs/<profile>/; "rm" holds a sequence classifier (one reward)
+STAGES = {"base": "pretrain", "sft": "sft", "rm": "rm", "ppo": "ppo", "dpo": "dpo"}
 
 
 def stage_dir(stage: str, profile: Profile | str | None = None) -> Path:
@@ -42,6 +43,14 @@ def load_stage(stage: str, profile: Profile | str | None = None, build_if_missin
             from .reward import RewardConfig, main
 
             main(RewardConfig.for_profile(profile.name))
+        elif stage == "ppo":
+            from .ppo import PPOConfig, main
+
+            main(PPOConfig.for_profile(profile.name))
+        elif stage == "dpo":
+            from .dpo import DPOConfig, main
+
+            main(DPOConfig.for_profile(profile.name))
     return load_model_dir(final, device, reward=stage == "rm")
 
 

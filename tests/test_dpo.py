@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
-import warnings
 
 import pytest
 import torch
@@ -34,19 +33,13 @@ def _models(tokenizer):
 
 @pytest.fixture(scope="module", params=["sigmoid", "ipo"])
 def trl_batch(request, tokenizer):
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from course_utils.trl_runs import dpo_trainer
 
     policy, ref = _models(tokenizer)
     rows = [r for r in preference_pairs(0, 12, "train") if not r["meta"]["is_tie"]][:4]
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
-    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
-        warnings.simplefilter("ignore")
-        args = DPOConfig(output_dir=tmp, report_to="none", save_strategy="no", per_device_train_batch_size=4,
-                         use_cpu=True, bf16=False, beta=0.5, loss_type=[request.param], max_length=128)
-        trainer = DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=data, processing_class=tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = dpo_trainer(policy, ref, tokenizer, rows, tmp, beta=0.5, loss_type=request.param,
+                              per_device_train_batch_size=4, max_length=128)
         batch = next(iter(trainer.get_train_dataloader()))
         with torch.no_grad():
             trl_loss = trainer.compute_loss(policy, dict(batch)).item()
@@ -90,3 +83,53 @@ def test_bad_input_is_refused(tokenizer):
     ids = torch.tensor([[1, 5, 6, 7], [1, 5, 6, 7]])
     with pytest.raises(DataError, match="no completion token"):
         dpo.sequence_logprobs(policy, ids, torch.ones_like(ids), torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]]))
+
+
+def test_on_policy_pairs_take_the_best_and_worst_finished_answer(tokenizer, monkeypatch):
+    """Pairs come from the model's own samples: best and worst by score, cut answers left out, ties give no pair."""
+    from course_utils import judge
+
+    answers = {  # per prompt: the 3 samples (text, stopped with EOS?)
+        "p0": [("good", True), ("bad", True), ("long and cut", False)],
+        "p1": [("same", True), ("same", True), ("same", True)],  # one distinct text: no pair
+        "p2": [("ok", True), ("cut", False), ("cut", False)],  # one finished answer: no pair
+    }
+
+    def fake_batches(lm, tok, prompts, fmt, max_new_tokens, greedy, seed, batch_size=64):
+        k = seed  # the k-th sample of every prompt
+        yield 0, {"texts": [answers[p][k][0] for p in prompts],
+                  "stopped": torch.tensor([answers[p][k][1] for p in prompts])}
+
+    monkeypatch.setattr(judge, "answer_batches", fake_batches)
+    score = {"good": 2.0, "bad": -1.0, "long and cut": 9.0, "same": 1.0, "ok": 1.0, "cut": 5.0}
+    rows = [{"prompt": p, "meta": {"family": "x"}} for p in answers]
+    pairs, counts = dpo.on_policy_pairs(None, tokenizer, rows, lambda ps, ts: [score[t] for t in ts], samples=3)
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in pairs] == [("p0", "good", "bad")]
+    assert pairs[0]["meta"]["rm_chosen"] == 2.0 and pairs[0]["meta"]["family"] == "x"
+    assert counts == {"prompts": 3, "cut": 3, "no_pair": 2, "pairs": 1}
+
+
+def test_dpo_stage_runs_end_to_end_in_smoke(tmp_path):
+    m = dpo.main(dpo.DPOConfig.for_profile("smoke", progress=False), out_dir=tmp_path / "dpo", log=lambda *_: None)
+    assert m["reference_unchanged"] and m["steps"] == 4 and m["pairs"] > 0 and m["pair_source"] == "labelled"
+    assert m["history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy = reference at the start
+    assert {"accuracy", "margin", "chosen_reward", "rejected_reward", "nll"} <= set(m["history"][-1])
+    assert set(m["comparison"]["policies"]) == {"sft", "dpo"} and (tmp_path / "dpo" / "final" / "manifest.json").exists()
+    for bad in (dict(pairs="mine"), dict(on_policy_samples=1), dict(beta=0.0), dict(nll_coef=-1.0)):
+        with pytest.raises(ConfigError):
+            dpo.DPOConfig.for_profile("smoke", **bad).validate()
+
+
+def test_dpo_training_raises_the_implicit_reward_accuracy(tokenizer):
+    """A few steps on 16 pairs: the loss falls below log 2 and the chosen side's implicit reward pulls ahead."""
+    from course_utils.reward import RewardConfig, encode_pairs
+
+    policy, ref = _models(tokenizer)
+    policy = copy.deepcopy(ref).train()
+    rows = [r for r in preference_pairs(0, 100, "train") if not r["meta"]["is_tie"]]
+    pairs, _ = encode_pairs(rows, tokenizer, RewardConfig(chat_format="chatml", max_length=128))  # drops long ones
+    pairs = pairs[:16]
+    cfg = dpo.DPOConfig(max_steps=30, batch_size=16, lr=3e-3, warmup_steps=0, beta=0.5, progress=False, log_every=1)
+    history = dpo.train(cfg, policy, ref, tokenizer, pairs)["history"]
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert history[-1]["loss"] < 0.5 and history[-1]["accuracy"] > 0.8 and history[-1]["margin"] > 0.5

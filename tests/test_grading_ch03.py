@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from course_utils import grading
-from course_utils.grading.core import chapter_tasks
+from grading_asserts import assert_mistake_fails, assert_reference_passes, assert_tasks_covered
 
 
 # --- references (what the solution notebook has) -----------------------------------------------------
@@ -128,22 +128,16 @@ WRONG = [
 
 @pytest.mark.parametrize("task_id,fn", WRONG, ids=[f"{t}-{f.__name__}" for t, f in WRONG])
 def test_common_mistake_fails(task_id, fn):
-    row = grading.check(task_id, fn)[0]
-    assert row.status == "fail" and row.earned == 0, row
-    assert "expected" in row.message or "must" in row.message, row.message
+    assert_mistake_fails(task_id, (fn,))
 
 
 @pytest.mark.parametrize("task_id", sorted(REFERENCES))
 def test_reference_passes(task_id):
-    row = grading.check(task_id, REFERENCES[task_id])[0]
-    assert row.status == "pass" and row.earned == row.points, row
+    assert_reference_passes(task_id, (REFERENCES[task_id],))
 
 
 def test_every_task_has_a_wrong_variant_and_tiers_are_valid():
-    tasks = chapter_tasks("03")
-    assert len(tasks) >= 4
-    assert {t.id for t in tasks} == {t for t, _ in WRONG} == set(REFERENCES)
-    assert {t.tier for t in tasks} == {"warm-up", "core", "stretch"}
+    assert_tasks_covered("03", {t for t, _ in WRONG}, set(REFERENCES))
 
 
 def test_assistant_mask_failure_shows_the_conversation():

@@ -128,7 +128,7 @@ def test_config_validation():
         with pytest.raises(ConfigError):
             replace(ppo.PPOConfig(), **bad).validate()
     assert isinstance(ppo.PPOConfig(kl_target=6.0).kl_controller(), rl.AdaptiveKL)
-    assert isinstance(ppo.PPOConfig().kl_controller(), rl.FixedKL)
+    assert isinstance(ppo.PPOConfig(kl_target=0.0).kl_controller(), rl.FixedKL)
 
 
 def test_log_probs_follow_the_sampling_temperature(tokenizer):
@@ -152,3 +152,73 @@ def test_value_head_has_its_own_learning_rate(tokenizer):
     grouped = [id(p) for g in opt.param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in policy.parameters()) and len(set(grouped)) == len(grouped)
     assert {id(p) for p in head["params"]} == {id(p) for p in policy.value_head.parameters()}
+
+
+def test_a_response_cut_without_eos_loses_the_penalty(tokenizer):
+    policy, ref = _policy_and_ref(tokenizer)
+    cfg = ppo.PPOConfig(rollout_batch=8, minibatch=8, max_new_tokens=3, no_eos_penalty=2.5)
+    buffer = ppo.rollout(policy, ref, tokenizer, PROMPTS, lambda p, r: [1.0] * len(r), cfg, beta=0.0)
+    cut = ~(buffer["responses"] == tokenizer.eos_token_id).any(1)  # a random tiny model rarely says EOS in 3 tokens
+    assert buffer["stats"]["truncated"] == int(cut.sum()) > 0
+    assert buffer["scores"].tolist() == [1.0 - 2.5 * float(c) for c in cut.tolist()]
+    assert buffer["stats"]["score"] == 1.0  # the logged score is the scorer's own, before the penalty
+
+
+def test_reward_normaliser_uses_the_policys_own_samples(tokenizer):
+    policy, _ = _policy_and_ref(tokenizer)
+    cfg = ppo.PPOConfig(max_new_tokens=5)
+    seen = []
+
+    def score(prompts, texts):
+        seen.extend(texts)
+        return [float(len(t)) for t in texts]
+
+    mean, std = ppo.reward_normaliser(policy, tokenizer, PROMPTS, score, cfg, torch.Generator().manual_seed(0))
+    lengths = torch.tensor([float(len(t)) for t in seen])
+    assert len(seen) == len(PROMPTS) and mean == pytest.approx(lengths.mean().item())
+    assert std == pytest.approx(lengths.std().item())
+
+
+def test_ppo_stage_runs_end_to_end_in_smoke(tmp_path):
+    """The stage builds its inputs (SFT model, RM) if missing, trains, keeps the reference frozen, judges, saves."""
+    from course_utils.stages import load_model_dir
+
+    m = ppo.main(ppo.PPOConfig.for_profile("smoke", progress=False), out_dir=tmp_path / "ppo", log=lambda *_: None)
+    assert m["reference_unchanged"] and m["steps"] == 3 and len(m["history"]) == 3
+    row = m["history"][-1]
+    for key in ("rm_score", "true_score", "kl", "beta", "entropy", "clip_fraction", "value_loss",
+                "explained_variance", "approx_kl", "truncated", "empty", "nan_scores"):
+        assert key in row and row[key] == row[key], key  # present and not NaN
+    assert m["counts"]["responses"] == 3 * 8 and m["reward_norm"]["std"] > 0
+    c = m["comparison"]["policies"]
+    assert set(c) == {"sft", "ppo"} and c["sft"]["kl"] == 0.0 and 0.0 <= c["ppo"]["vs_baseline"]["win_rate"] <= 1.0
+    lm, _ = load_model_dir(tmp_path / "ppo" / "final")
+    assert lm.config.model_type == "llama"
+    with pytest.raises(ConfigError, match="reward"):
+        ppo.PPOConfig.for_profile("smoke", reward="oracle").validate()
+
+
+def test_ppo_on_the_gold_reward_uses_the_true_scorer(tmp_path):
+    m = ppo.main(ppo.PPOConfig.for_profile("smoke", progress=False, reward="gold", steps=1), out_dir=tmp_path / "ppo",
+                 log=lambda *_: None)
+    row = m["history"][0]
+    assert 0.0 <= row["rm_score"] <= 1.0 and row["rm_score"] == pytest.approx(row["true_score"])
+
+
+def test_empty_answers_are_counted_and_still_trained_on(tokenizer):
+    """An answer that is only EOS is a real action (stop at once): counted as empty, kept, with a finite advantage."""
+    policy, ref = _policy_and_ref(tokenizer)
+    eos = tokenizer.eos_token_id
+    real_generate = policy.lm.generate
+
+    def stops_at_once_on_even_rows(**kwargs):
+        out = real_generate(**kwargs)
+        out[::2, kwargs["input_ids"].size(1)] = eos
+        return out
+
+    policy.lm.generate = stops_at_once_on_even_rows
+    cfg = ppo.PPOConfig(rollout_batch=8, minibatch=4, max_new_tokens=4)
+    buffer = ppo.rollout(policy, ref, tokenizer, PROMPTS, _length_score, cfg, beta=0.1)
+    assert buffer["stats"]["empty"] >= 4 and all(t == "" for t in buffer["texts"][::2])
+    assert buffer["mask"][::2].sum(1).tolist() == [1.0] * 4  # the EOS token alone
+    assert torch.isfinite(buffer["advantages"]).all() and buffer["seq"].size(0) == 8

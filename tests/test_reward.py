@@ -684,6 +684,14 @@ def test_gpu_smoke_reward_model_path_runs_on_cpu(make_model, tokenizer, monkeypa
     assert out["pairs"] > 0 and 0.0 <= out["accuracy"] <= 1.0  # (the stand-in loader ignores the row limit)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the base is untouched
 
+    from course_utils.gpu_smoke import rlhf_smoke  # chapters 06-07 on the same stand-in hh-rlhf rows
+
+    x = rlhf_smoke(model, tokenizer, out["model"], steps=2, n_prompts=48, rollout_batch=4, minibatch=2,
+                   max_new_tokens=6)
+    assert x["ppo_steps"] == 2 and x["reference_unchanged"] and x["counts"]["responses"] == 8
+    assert x["dpo_steps"] == 2 and x["dpo_loss_first"] == pytest.approx(math.log(2), abs=1e-3)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
 
 def test_stage_without_cleaning_still_drops_and_counts_malformed_rows(tmp_path, tokenizer, monkeypatch):
     real = R.build_pairs

@@ -164,13 +164,10 @@ def test_bad_shapes_and_masks_are_refused():
 def test_group_advantages_equal_trl_grpo(tokenizer):
     """TRL's GRPOTrainer scores 2 prompts x 4 sampled completions; our advantages from the same rewards match."""
     import tempfile
-    import warnings
-
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
 
     from course_utils.model import build_model, make_config
     from course_utils.profiles import ModelSize
+    from course_utils.trl_runs import group_trainer
     from course_utils.world import rl_prompts
 
     size = ModelSize(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, context_length=128)
@@ -182,13 +179,9 @@ def test_group_advantages_equal_trl_grpo(tokenizer):
         seen.extend(values)
         return values
 
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rl_prompts(0, 8)])
-    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
-        warnings.simplefilter("ignore")
-        args = GRPOConfig(output_dir=tmp, report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=8,
-                          num_generations=4, max_completion_length=8, save_strategy="no")
-        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=data,
-                              processing_class=tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = group_trainer("grpo", model, tokenizer, rl_prompts(0, 8), reward, tmp, per_device_train_batch_size=8,
+                                num_generations=4, max_completion_length=8)
         out = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
     rewards = torch.tensor(seen)
     assert rewards.numel() == 8 and rewards.view(2, 4).std(1).min() > 0, "a constant group would not test the scale"
@@ -212,3 +205,31 @@ def test_group_and_leave_one_out_baselines():
             rl.group_advantages(r, **bad)
     with pytest.raises(DataError):
         rl.group_advantages(torch.tensor([1.0, float("nan")]), 2)
+
+
+def test_leave_one_out_advantages_equal_trl_rloo(tokenizer):
+    """TRL's RLOOTrainer (β = 0: no reference model) scores 2 prompts x 4 completions; our RLOO advantages match."""
+    import tempfile
+
+    from course_utils.model import build_model, make_config
+    from course_utils.profiles import ModelSize
+    from course_utils.trl_runs import group_trainer
+    from course_utils.world import rl_prompts
+
+    size = ModelSize(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, context_length=128)
+    model = build_model(make_config(size, tokenizer), seed=0)
+    seen = []
+
+    def reward(completions, **kwargs):
+        values = [float(len(str(c)) % 7) for c in completions]
+        seen.extend(values)
+        return values
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = group_trainer("rloo", model, tokenizer, rl_prompts(0, 8), reward, tmp, per_device_train_batch_size=8,
+                                num_generations=4, max_completion_length=8, beta=0.0)
+        out = trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+    rewards = torch.tensor(seen)
+    assert rewards.view(2, 4).std(1).min() > 0
+    assert torch.allclose(rl.rloo_advantages(rewards, 4), out["advantages"], atol=1e-5)
+    assert not torch.allclose(rl.group_advantages(rewards, 4, scale="none"), out["advantages"], atol=1e-3)

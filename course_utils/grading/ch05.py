@@ -16,33 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reward
-from .core import Failure, task
-
-
-def _show(x, decimals: int = 3) -> str:
-    """A small tensor or list as a (nested) list, floats to ``decimals`` places."""
-    if torch.is_tensor(x):
-        x = x.detach().float().tolist() if x.is_floating_point() else x.tolist()
-    if isinstance(x, (list, tuple)):
-        return f"[{', '.join(_show(v, decimals) for v in x)}]"
-    return f"{x:.{decimals}f}" if isinstance(x, float) else repr(x)
-
-
-def _notes(got, candidates, close) -> str:
-    """The notes of the known mistakes whose result ``close(got, result)`` accepts ('' if none does).
-
-    ``candidates`` are (function computing the mistaken result, note); a mistake that cannot even be
-    computed for this case (an index past the end, a square root of a negative number) is skipped.
-    """
-    notes = []
-    for make, note in candidates:
-        try:
-            value = make()
-        except (RuntimeError, IndexError, ZeroDivisionError, ValueError):
-            continue
-        if close(got, value) and note not in notes:
-            notes.append(note)
-    return "".join(f"\n{note}" for note in notes)
+from .core import Failure, mistake_notes as _notes, show as _show, task
 
 
 # --- 5.1: the Bradley–Terry pairwise loss -------------------------------------------------------------

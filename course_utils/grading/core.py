@@ -189,3 +189,34 @@ class Table(list):
 
     def __repr__(self):
         return text_table(self)
+
+
+# --- helpers the chapters' checks share ---------------------------------------------------------------
+
+
+def show(x, decimals: int = 3) -> str:
+    """A small tensor or list as a (nested) list, floats to ``decimals`` places."""
+    import torch
+
+    if torch.is_tensor(x):
+        x = x.detach().float().tolist() if x.is_floating_point() else x.tolist()
+    if isinstance(x, (list, tuple)):
+        return f"[{', '.join(show(v, decimals) for v in x)}]"
+    return f"{x:.{decimals}f}" if isinstance(x, float) else repr(x)
+
+
+def mistake_notes(got, candidates, close) -> str:
+    """The notes of the known mistakes whose result ``close(got, result)`` accepts ('' if none does).
+
+    ``candidates`` are (function computing the mistaken result, note); a mistake that cannot even be
+    computed for this case (an index past the end, a square root of a negative number) is skipped.
+    """
+    notes = []
+    for make, note in candidates:
+        try:
+            value = make()
+        except (RuntimeError, IndexError, ZeroDivisionError, ValueError):
+            continue
+        if close(got, value) and note not in notes:
+            notes.append(note)
+    return "".join(f"\n{note}" for note in notes)
