@@ -27,6 +27,11 @@ def test_pipeline_smoke_writes_report_and_checkpoint(tmp_path):
     assert rm["removed"]["tie"] > 0 and rm["kept"] < rm["rows"] and 0.0 <= rm["after"]["accuracy"] <= 1.0
     assert "## Reward model (奖励建模)" in text and (tmp_path / "report" / "plots" / "rm_rewards.png").exists()
     assert (tmp_path / "rm" / "final" / "manifest.json").exists()
+    for stage in ("ppo", "dpo"):  # RLHF ran after the RM, kept its reference frozen, and was judged against SFT
+        m = saved["stages"][stage]
+        assert m["reference_unchanged"] and (tmp_path / stage / "final" / "manifest.json").exists()
+        assert 0.0 <= m["comparison"]["policies"][stage]["vs_baseline"]["win_rate"] <= 1.0
+    assert "## RLHF: PPO (近端策略优化) and DPO (直接偏好优化)" in text and (tmp_path / "report" / "plots" / "ppo.png").exists()
 
 
 def test_load_stage_builds_missing_base(tmp_path, monkeypatch):
