@@ -381,3 +381,42 @@ def run_strategy(name: str, cfg: DistConfig | None = None, world_size: int = 2, 
     cfg = cfg or DistConfig()
     cfg.validate(world_size)
     return launch(STRATEGIES[name], world_size, (asdict(cfg),), timeout=timeout)
+
+
+# --- the same strategies under torchrun / accelerate launch ----------------------------------------------
+
+
+def main(argv=None) -> int:
+    """``torchrun --nproc-per-node 2 -m course_utils.distributed --strategy ddp`` (or ``accelerate launch``): the
+    launcher starts the processes and sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; each process runs one
+    strategy and rank 0 prints the result as JSON next to the single-process losses."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m course_utils.distributed", description=main.__doc__)
+    parser.add_argument("--strategy", choices=list(STRATEGIES), default="ddp")
+    parser.add_argument("--steps", type=int, default=DistConfig.steps)
+    parser.add_argument("--backend", default="gloo", help="gloo (CPU) or nccl (GPUs)")
+    args = parser.parse_args(argv)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SystemExit("run this under a launcher that sets RANK and WORLD_SIZE, e.g. "
+                         "`torchrun --nproc-per-node 2 -m course_utils.distributed`")
+    cfg = DistConfig(steps=args.steps)
+    torch.set_num_threads(1)
+    dist.init_process_group(args.backend)
+    try:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        cfg.validate(world_size)
+        out = STRATEGIES[args.strategy](rank, world_size, asdict(cfg))
+        if rank == 0:
+            ref = train_reference(cfg)["losses"]
+            print(json.dumps({"strategy": args.strategy, "world_size": world_size, "losses": out["losses"],
+                              "max_abs_diff_vs_one_process": max(abs(a - b) for a, b in zip(out["losses"], ref)),
+                              **{k: v for k, v in out.items() if k != "losses"}}))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -90,3 +90,58 @@ def test_bad_config_is_refused():
         D.run_strategy("ddp", D.DistConfig(batch=15))
     with pytest.raises(ConfigError, match="unknown strategy"):
         D.run_strategy("zero4")
+
+
+def _torchrun(*args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return subprocess.Popen([str(torchrun), *args, "-m", "course_utils.distributed", "--steps", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _last_json(proc, timeout=120):
+    import json
+
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-2000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_torchrun_runs_a_strategy_from_the_command_line():
+    result = _last_json(_torchrun("--nproc-per-node", "2", "--master-port", str(D.free_port())))
+    assert result["world_size"] == 2 and result["max_abs_diff_vs_one_process"] < 1e-4
+
+
+def test_two_node_launch_rehearsed_on_one_machine():
+    """Two launchers with node ranks 0 and 1 meet at one rendezvous on localhost, as two machines would."""
+    port = str(D.free_port())
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port]
+    node1 = _torchrun(*common, "--node-rank", "1")
+    node0 = _torchrun(*common, "--node-rank", "0")
+    result = _last_json(node0)
+    node1.communicate(timeout=60)
+    assert node1.returncode == 0
+    assert result["world_size"] == 2 and result["max_abs_diff_vs_one_process"] < 1e-4
+
+
+def test_cluster_configs_are_valid_accelerate_configs():
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    expected = {"accelerate_ddp.yaml": DistributedType.MULTI_GPU, "accelerate_fsdp.yaml": DistributedType.FSDP,
+                "accelerate_deepspeed_zero2.yaml": DistributedType.DEEPSPEED,
+                "accelerate_deepspeed_zero3.yaml": DistributedType.DEEPSPEED,
+                "accelerate_multinode.yaml": DistributedType.FSDP}
+    found = {p.name: p for p in Path("configs").glob("accelerate_*.yaml")}
+    assert set(found) == set(expected)
+    for name, kind in expected.items():
+        cfg = ClusterConfig.from_yaml_file(found[name])  # raises on a key accelerate does not know
+        assert cfg.distributed_type == kind, name
+    assert ClusterConfig.from_yaml_file(found["accelerate_deepspeed_zero3.yaml"]).deepspeed_config["zero_stage"] == 3
+    multi = ClusterConfig.from_yaml_file(found["accelerate_multinode.yaml"])
+    assert multi.num_machines == 2 and multi.num_processes == 16
