@@ -234,22 +234,34 @@ def _global_loss(loss: torch.Tensor) -> float:
 # --- strategies (worker functions for launch) ----------------------------------------------------------
 
 
+def _fit(model, opt, cfg: DistConfig, rank: int, world_size: int, sync_grads=None) -> list[float]:
+    """The loop every data-parallel strategy shares: this rank's shard of each batch, backward, (``sync_grads``),
+    step; returns the global loss of each step."""
+    losses = []
+    for x, y in make_batches(cfg):
+        loss = _loss(model, shard(x, rank, world_size), shard(y, rank, world_size))
+        opt.zero_grad()
+        loss.backward()
+        if sync_grads is not None:
+            sync_grads()
+        opt.step()
+        losses.append(_global_loss(loss))
+    return losses
+
+
 def ddp_by_hand(rank: int, world_size: int, cfg_dict: dict) -> dict:
     """Data parallel written out: every rank a full model copy, its shard of the batch, then one all-reduce of
     each gradient (sum, ÷ N) before an identical optimizer step. This is all DDP does, minus the overlap."""
     cfg = DistConfig(**cfg_dict)
     model = make_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    losses = []
-    for x, y in make_batches(cfg):
-        loss = _loss(model, shard(x, rank, world_size), shard(y, rank, world_size))
-        opt.zero_grad()
-        loss.backward()
+
+    def average_gradients():
         for p in model.parameters():
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
             p.grad /= world_size
-        opt.step()
-        losses.append(_global_loss(loss))
+
+    losses = _fit(model, opt, cfg, rank, world_size, average_gradients)
     return {"losses": losses, **_bytes(model, opt)}
 
 
@@ -260,13 +272,7 @@ def ddp(rank: int, world_size: int, cfg_dict: dict) -> dict:
     cfg = DistConfig(**cfg_dict)
     model = DistributedDataParallel(make_model(cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    losses = []
-    for x, y in make_batches(cfg):
-        loss = _loss(model, shard(x, rank, world_size), shard(y, rank, world_size))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(_global_loss(loss))
+    losses = _fit(model, opt, cfg, rank, world_size)
     return {"losses": losses, **_bytes(model.module, opt)}
 
 
@@ -279,13 +285,7 @@ def zero1(rank: int, world_size: int, cfg_dict: dict) -> dict:
     cfg = DistConfig(**cfg_dict)
     model = DistributedDataParallel(make_model(cfg))
     opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.AdamW, lr=cfg.lr)
-    losses = []
-    for x, y in make_batches(cfg):
-        loss = _loss(model, shard(x, rank, world_size), shard(y, rank, world_size))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(_global_loss(loss))
+    losses = _fit(model, opt, cfg, rank, world_size)
     return {"losses": losses, **_bytes(model.module, opt.optim)}
 
 
@@ -303,13 +303,7 @@ def fsdp(rank: int, world_size: int, cfg_dict: dict) -> dict:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    losses = []
-    for x, y in make_batches(cfg):
-        loss = _loss(model, shard(x, rank, world_size), shard(y, rank, world_size))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(_global_loss(loss))
+    losses = _fit(model, opt, cfg, rank, world_size)
     return {"losses": losses, **_bytes(model, opt)}
 
 
