@@ -10,8 +10,9 @@ NCCL (``backend="nccl"``) or through accelerate / DeepSpeed with the configs in 
 * :func:`train_reference` -- the single-process run every strategy is compared with;
 * strategies, each a worker function for :func:`launch`: :func:`ddp_by_hand` (gradients averaged with an
   explicit all-reduce), :func:`ddp` (``DistributedDataParallel``), :func:`zero1`
-  (``ZeroRedundancyOptimizer``: optimizer state sharded), :func:`fsdp` (FSDP2 ``fully_shard``: parameters,
-  gradients and optimizer state sharded).
+  (``ZeroRedundancyOptimizer``: optimizer state sharded), :func:`zero2` and :func:`fsdp` (FSDP2 ``fully_shard``:
+  gradients and optimizer state sharded; with ZeRO-3 the weights too, gathered per layer when used),
+  :func:`tensor_parallel` (DTensor column/row-parallel linears), :func:`pipeline_parallel` (GPipe / 1F1B).
 
 All of them train the same tiny MLP on the same data: the global batch of ``batch`` rows is split into
 ``world_size`` equal shards, so averaging the shards' gradients gives exactly the full batch's gradient and every
@@ -65,6 +66,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout: float,
     try:
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
         out = fn(rank, world_size, *args)
+        dist.barrier()  # leave together: a rank that tears down its connections early can abort a slower peer
         results.put((rank, "ok", out))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent, with its traceback
         results.put((rank, "error", traceback.format_exc()))
@@ -218,10 +220,17 @@ def _bytes(model, opt) -> dict:
         t = t.to_local() if hasattr(t, "to_local") else t
         return t.numel() * t.element_size()
 
+    import hashlib
+
     params = sum(local(p) for p in model.parameters())
     grads = sum(local(p.grad) for p in model.parameters() if p.grad is not None)
     state = sum(local(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-    return {"param_bytes": params, "grad_bytes": grads, "optimizer_bytes": state}
+    digest = hashlib.sha256()
+    for p in model.parameters():
+        t = p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+        digest.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return {"param_bytes": params, "grad_bytes": grads, "optimizer_bytes": state,
+            "weights_sha256": digest.hexdigest()[:16]}  # of this rank's (local) weights
 
 
 def _global_loss(loss: torch.Tensor) -> float:
@@ -289,10 +298,7 @@ def zero1(rank: int, world_size: int, cfg_dict: dict) -> dict:
     return {"losses": losses, **_bytes(model.module, opt.optim)}
 
 
-def fsdp(rank: int, world_size: int, cfg_dict: dict) -> dict:
-    """FSDP2 (``fully_shard``, ZeRO stage 3): every parameter is split across ranks (a DTensor); a layer's full
-    weights are all-gathered just before its forward/backward and freed after; gradients are reduce-scattered,
-    so each rank also holds only its shard of the gradients and of the AdamW state."""
+def _fully_sharded(rank: int, world_size: int, cfg_dict: dict, reshard_after_forward: bool) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -300,11 +306,25 @@ def fsdp(rank: int, world_size: int, cfg_dict: dict) -> dict:
     mesh = init_device_mesh("cpu", (world_size,))
     model = make_model(cfg)
     for block in model:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     losses = _fit(model, opt, cfg, rank, world_size)
     return {"losses": losses, **_bytes(model, opt)}
+
+
+def fsdp(rank: int, world_size: int, cfg_dict: dict) -> dict:
+    """FSDP2 (``fully_shard``, ZeRO stage 3): every parameter is split across ranks (a DTensor); a layer's full
+    weights are all-gathered just before its forward/backward and freed after; gradients are reduce-scattered,
+    so each rank also holds only its shard of the gradients and of the AdamW state."""
+    return _fully_sharded(rank, world_size, cfg_dict, reshard_after_forward=True)
+
+
+def zero2(rank: int, world_size: int, cfg_dict: dict) -> dict:
+    """ZeRO stage 2 with FSDP2: ``reshard_after_forward=False`` keeps each layer's gathered weights from the forward
+    pass until its backward (no second all-gather), while gradients and optimizer state stay sharded. More memory
+    during the step than stage 3, less communication; between steps the weights are sharded as in FSDP."""
+    return _fully_sharded(rank, world_size, cfg_dict, reshard_after_forward=False)
 
 
 def tensor_parallel(rank: int, world_size: int, cfg_dict: dict) -> dict:
@@ -364,8 +384,8 @@ def pipeline_parallel(rank: int, world_size: int, cfg_dict: dict, schedule: str 
     return {"losses": losses, **_bytes(part, opt)}
 
 
-STRATEGIES = {"ddp_by_hand": ddp_by_hand, "ddp": ddp, "zero1": zero1, "fsdp": fsdp, "tensor_parallel": tensor_parallel,
-              "pipeline_parallel": pipeline_parallel}
+STRATEGIES = {"ddp_by_hand": ddp_by_hand, "ddp": ddp, "zero1": zero1, "zero2": zero2, "fsdp": fsdp,
+              "tensor_parallel": tensor_parallel, "pipeline_parallel": pipeline_parallel}
 
 
 def run_strategy(name: str, cfg: DistConfig | None = None, world_size: int = 2, timeout: float = 120.0) -> list[dict]:
@@ -407,6 +427,7 @@ def main(argv=None) -> int:
             print(json.dumps({"strategy": args.strategy, "world_size": world_size, "losses": out["losses"],
                               "max_abs_diff_vs_one_process": max(abs(a - b) for a, b in zip(out["losses"], ref)),
                               **{k: v for k, v in out.items() if k != "losses"}}))
+        dist.barrier()  # leave together (see _worker)
     finally:
         dist.destroy_process_group()
     return 0

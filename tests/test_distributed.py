@@ -39,11 +39,14 @@ def test_sharding_shows_in_the_bytes_each_rank_holds(runs, reference):
     full = reference["optimizer_bytes"]
     ddp = runs["ddp"]
     assert all(r["optimizer_bytes"] == full and r["param_bytes"] == reference["param_bytes"] for r in ddp)
-    for name in ("zero1", "fsdp", "tensor_parallel"):  # optimizer state split between the 2 ranks
+    for name in ("zero1", "zero2", "fsdp", "tensor_parallel"):  # optimizer state split between the 2 ranks
         assert all(r["optimizer_bytes"] <= 0.55 * full for r in runs[name]), name
         assert sum(r["optimizer_bytes"] for r in runs[name]) == pytest.approx(full, rel=0.02), name
     assert all(r["param_bytes"] == reference["param_bytes"] for r in runs["zero1"])  # ZeRO-1: full weights
     assert all(r["param_bytes"] <= 0.55 * reference["param_bytes"] for r in runs["fsdp"])  # ZeRO-3: sharded
+    for name in ("ddp_by_hand", "ddp", "zero1"):  # replicas stay bit-identical: same init, same averaged gradients
+        assert runs[name][0]["weights_sha256"] == runs[name][1]["weights_sha256"], name
+    assert runs["fsdp"][0]["weights_sha256"] != runs["fsdp"][1]["weights_sha256"]  # shards differ
     pp = runs["pipeline_parallel"]  # layers split between the ranks: together exactly one model
     assert sum(r["param_bytes"] for r in pp) == reference["param_bytes"]
 
