@@ -108,6 +108,10 @@ def mlp_bias_every_rank(x, w1, b1, w2, b2, world_size):
     return y
 
 
+def mlp_unsharded(x, w1, b1, w2, b2, world_size):  # right output, but no rank ever held a shard
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
 def mlp_mean(x, w1, b1, w2, b2, world_size):
     return (column_row_parallel_mlp(x, w1, b1, w2, b2, world_size) - b2) / world_size + b2
 
@@ -206,6 +210,7 @@ WRONG = [
     ("8.1", (shard, gather_reversed), "rank order"),
     ("8.2", (mlp_bias_every_rank,), "b2 added on every rank"),
     ("8.2", (mlp_mean,), "SUMS"),
+    ("8.2", (mlp_unsharded,), "whole weight matrix"),
     ("8.2", (mlp_gelu_after_sum,), "gelu after the sum"),
     ("8.2", (mlp_w2_rows,), "INPUT dim"),
     ("8.2", (mlp_w1_input_columns,), "INPUT columns"),

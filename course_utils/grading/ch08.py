@@ -197,6 +197,22 @@ def _mlp_mistakes(x, w1, b1, w2, b2, W):
     ]
 
 
+class _MatmulShapes(torch.overrides.TorchFunctionMode):
+    """Records (storage address, shape) of the 2-D operands of every matrix multiply run inside it."""
+
+    OPS = {F.linear, torch.matmul, torch.mm, torch.addmm, torch.Tensor.__matmul__, torch.Tensor.matmul,
+           torch.Tensor.mm}
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            self.shapes |= {(a.data_ptr(), tuple(a.shape)) for a in args if torch.is_tensor(a) and a.dim() == 2}
+        return func(*args, **(kwargs or {}))
+
+
 @task("08", "8.2", "column_row_parallel_mlp", "tensor parallel MLP: W1 by columns, W2 by rows, one all-reduce",
       "core", hint="for each rank r: h_r = F.gelu(F.linear(x, w1.chunk(W, 0)[r], b1.chunk(W, 0)[r])) (B, hidden/W); "
       "partial_r = F.linear(h_r, w2.chunk(W, 1)[r]) (B, out), no bias; y = sum of the partials + b2")
@@ -207,7 +223,8 @@ def check_column_row_parallel_mlp(column_row_parallel_mlp):
         call = (f"column_row_parallel_mlp(x {_shape(x)}, w1 {_shape(w1)}, b1 {_shape(b1)}, w2 {_shape(w2)}, "
                 f"b2 {_shape(b2)}, world_size={W}) ({desc})")
         try:
-            got = column_row_parallel_mlp(x, w1, b1, w2, b2, W)
+            with _MatmulShapes() as seen:
+                got = column_row_parallel_mlp(x, w1, b1, w2, b2, W)
         except RuntimeError as e:
             if "shape" not in str(e) and "size" not in str(e):
                 raise
@@ -224,6 +241,12 @@ def check_column_row_parallel_mlp(column_row_parallel_mlp):
             note = _notes(got, _mlp_mistakes(*inputs, W), lambda a, b: _close(a, b, atol=1e-5))
             raise Failure(f"{call}: must equal the unsharded MLP F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)\n"
                           f"expected {_show(expected[0])} (row 0)\ngot      {_show(got[0])}{note}")
+        whole = {(w.data_ptr(), shape) for w in (w1, w2) for shape in (tuple(w.shape), tuple(w.t().shape))}
+        if W > 1 and seen.shapes & whole:  # a shard is a view: same storage, smaller shape
+            raise Failure(f"{call}: the output is right, but a matrix multiply used a whole weight matrix "
+                          f"(shape {sorted(s for _, s in seen.shapes & whole)}): no simulated rank may hold all of W1 "
+                          "or W2. Each rank must multiply "
+                          "its own shard, w1.chunk(W, 0)[r] and w2.chunk(W, 1)[r], and the partial outputs are summed")
 
 
 # --- 8.3 (core): ZeRO's model-state memory per GPU ----------------------------------------------------------
