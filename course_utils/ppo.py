@@ -200,6 +200,12 @@ def sample(lm, tokenizer, prompts: list[str], fmt: str = "chatml", max_new_token
             "texts": texts}
 
 
+def _seed_sampling(generator: torch.Generator | None) -> None:
+    """``generate`` samples with torch's global RNG: seed it from ``generator`` (if any) so runs repeat."""
+    if generator is not None:
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+
+
 @torch.no_grad()
 def sequence_kl(lm, ref_lm, batch: dict, temperature: float = 1.0) -> torch.Tensor:
     """(B,) Σ_t log π(y_t) − log π_ref(y_t) over each sampled response of :func:`sample`: a one-sample
@@ -223,8 +229,7 @@ def rollout(policy: PolicyWithValue, ref_lm, tokenizer, prompts: list[str], scor
     A response cut at ``max_new_tokens`` without EOS loses ``cfg.no_eos_penalty`` from its score.
     With a ``generator``, sampling is seeded from it (through torch's global seed, which ``generate`` uses).
     """
-    if generator is not None:
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    _seed_sampling(generator)
     batch = sample(policy.lm, tokenizer, prompts, cfg.chat_format, cfg.max_new_tokens, cfg.temperature)
     prompt, prompt_attn, responses = batch["prompt"], batch["prompt_attn"], batch["responses"]
     mask, stopped, texts, P = batch["mask"], batch["stopped"], batch["texts"], prompt.size(1)
@@ -310,8 +315,7 @@ def reward_normaliser(policy: PolicyWithValue, tokenizer, prompts: list[str], sc
     An RM's scale is arbitrary (the Bradley–Terry loss only sees differences); subtracting the SFT model's mean
     and dividing by its std makes 0 mean "as good as SFT" and puts the RM score and β·KL in known units.
     """
-    if generator is not None:
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    _seed_sampling(generator)
     batch = sample(policy.lm, tokenizer, prompts, cfg.chat_format, cfg.max_new_tokens, cfg.temperature)
     scores = torch.tensor([float(s) for s in score_fn(prompts, batch["texts"])])
     scores = scores[torch.isfinite(scores)]

@@ -14,21 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import rl
-from .core import Failure, mistake_notes as _notes, show as _show_any, task
-
-
-def _show(x, decimals: int = 3) -> str:
-    if torch.is_tensor(x) and x.is_floating_point():
-        x = x.detach().float() + 0.0  # -0.0 (a negative log-prob times a 0 of the mask) shows as 0.000
-    return _show_any(x, decimals)
+from .core import Failure, close as _close, mistake_notes as _notes, show as _show, task
 
 
 def _mask(lengths: list[int], T: int) -> torch.Tensor:
     return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).float()  # (B, T), right padding
-
-
-def _close(a, b, atol: float = 1e-5) -> bool:
-    return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=atol, rtol=1e-5, equal_nan=True)
 
 
 def _unchanged(call: str, inputs: tuple, originals: tuple) -> None:
@@ -398,19 +388,26 @@ def _policy_mistakes(logprobs, old_logprobs, advantages, mask, clip):
       hint="ratio = exp(logprobs - old_logprobs); loss per token = -min(ratio * A, clamp(ratio, 1 - clip, 1 + clip) "
            "* A); return (loss * mask).sum() / mask.sum(), a 0-dim tensor with gradients")
 def check_clipped_policy_loss(clipped_policy_loss):
-    for desc, logprobs, old_logprobs, advantages, mask, clip in _policy_cases():
-        originals = logprobs.clone(), old_logprobs.clone(), advantages.clone(), mask.clone()
-        leaf = logprobs.clone().requires_grad_()
-        call = (f"clipped_policy_loss(logprobs={_show(logprobs)}, old_logprobs={_show(old_logprobs)}, "
-                f"advantages={_show(advantages)}, mask={mask.int().tolist()}, clip={clip}) ({desc})")
-        got = clipped_policy_loss(leaf, old_logprobs, advantages, mask, clip)
-        _unchanged(call, (leaf, old_logprobs, advantages, mask), originals)
-        ref_leaf = logprobs.clone().requires_grad_()
-        expected = clipped_policy_loss_reference(ref_leaf, old_logprobs, advantages, mask, clip)
-        _scalar_loss(call, got, expected.detach(), _policy_mistakes(logprobs, old_logprobs, advantages, mask, clip))
+    _check_loss_with_gradient("clipped_policy_loss", clipped_policy_loss, clipped_policy_loss_reference,
+                              _policy_mistakes, _policy_cases(), ("logprobs", "old_logprobs", "advantages"))
+
+
+def _check_loss_with_gradient(label: str, fn, reference, mistakes, cases, names: tuple) -> None:
+    """6.4 and 6.5: ``fn(x, a, b, mask, clip)`` must equal ``reference`` in value and in its gradient w.r.t. x
+    (the first input, ``names[0]``), leave its inputs unchanged, and each wrong value is matched to its mistake."""
+    for desc, x, a, b, mask, clip in cases:
+        originals = x.clone(), a.clone(), b.clone(), mask.clone()
+        leaf = x.clone().requires_grad_()
+        call = (f"{label}({names[0]}={_show(x)}, {names[1]}={_show(a)}, {names[2]}={_show(b)}, "
+                f"mask={mask.int().tolist()}, clip={clip}) ({desc})")
+        got = fn(leaf, a, b, mask, clip)
+        _unchanged(call, (leaf, a, b, mask), originals)
+        ref_leaf = x.clone().requires_grad_()
+        expected = reference(ref_leaf, a, b, mask, clip)
+        _scalar_loss(call, got, expected.detach(), mistakes(x, a, b, mask, clip))
         got.backward()
         expected.backward()
-        _same_grad(call, leaf.grad, ref_leaf.grad, "logprobs")
+        _same_grad(call, leaf.grad, ref_leaf.grad, names[0])
 
 
 # --- 6.5 (stretch): the clipped value loss -------------------------------------------------------------
@@ -474,16 +471,5 @@ def _value_mistakes(values, old_values, returns, mask, clip):
            "returns)**2, (v_clipped - returns)**2); return its mean over the real tokens, (x * mask).sum() / "
            "mask.sum()")
 def check_clipped_value_loss(clipped_value_loss):
-    for desc, values, old_values, returns, mask, clip in _value_cases():
-        originals = values.clone(), old_values.clone(), returns.clone(), mask.clone()
-        leaf = values.clone().requires_grad_()
-        call = (f"clipped_value_loss(values={_show(values)}, old_values={_show(old_values)}, "
-                f"returns={_show(returns)}, mask={mask.int().tolist()}, clip={clip}) ({desc})")
-        got = clipped_value_loss(leaf, old_values, returns, mask, clip)
-        _unchanged(call, (leaf, old_values, returns, mask), originals)
-        ref_leaf = values.clone().requires_grad_()
-        expected = clipped_value_loss_reference(ref_leaf, old_values, returns, mask, clip)
-        _scalar_loss(call, got, expected.detach(), _value_mistakes(values, old_values, returns, mask, clip))
-        got.backward()
-        expected.backward()
-        _same_grad(call, leaf.grad, ref_leaf.grad, "values")
+    _check_loss_with_gradient("clipped_value_loss", clipped_value_loss, clipped_value_loss_reference,
+                              _value_mistakes, _value_cases(), ("values", "old_values", "returns"))

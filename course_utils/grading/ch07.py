@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dpo, rl
-from .ch06 import _close, _show
-from .core import Failure, mistake_notes as _notes, task
+from .core import Failure, close as _close, mistake_notes as _notes, show as _show, task
 
 
 def _vector(call: str, got, n: int, what: str, why: str = "") -> None:

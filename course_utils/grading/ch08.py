@@ -14,8 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .ch06 import _close, _show
-from .core import Failure, mistake_notes as _notes, task
+from .core import Failure, close as _close, mistake_notes as _notes, show as _show, task
 
 
 def _shape(x) -> str:

@@ -198,11 +198,18 @@ def show(x, decimals: int = 3) -> str:
     """A small tensor or list as a (nested) list, floats to ``decimals`` places."""
     import torch
 
-    if torch.is_tensor(x):
-        x = x.detach().float().tolist() if x.is_floating_point() else x.tolist()
+    if torch.is_tensor(x):  # + 0.0 turns -0.0 (say, a negative number times a 0 of a mask) into 0.0
+        x = (x.detach().float() + 0.0).tolist() if x.is_floating_point() else x.tolist()
     if isinstance(x, (list, tuple)):
         return f"[{', '.join(show(v, decimals) for v in x)}]"
     return f"{x:.{decimals}f}" if isinstance(x, float) else repr(x)
+
+
+def close(a, b, atol: float = 1e-5) -> bool:
+    """Same shape and allclose (rtol 1e-5, NaN equal to NaN), compared in float32."""
+    import torch
+
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), atol=atol, rtol=1e-5, equal_nan=True)
 
 
 def mistake_notes(got, candidates, close) -> str:
