@@ -98,15 +98,19 @@ def restore_rng(tensors: dict, meta: dict) -> None:
 
 
 @contextmanager
-def _quiet_transformers():
-    """Hide transformers' per-shard progress bar while saving (one tiny shard is not news)."""
+def quiet_transformers(errors_only: bool = False):
+    """Hide transformers' per-shard progress bar while saving (one tiny shard is not news); with ``errors_only``
+    also its warnings (e.g. the tied ``lm_head.weight`` reported missing when a Trainer reloads its best model)."""
     from transformers.utils import logging as hf_logging
 
-    was_on = hf_logging.is_progress_bar_enabled()
+    was_on, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    if errors_only:
+        hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_on:
             hf_logging.enable_progress_bar()
 
@@ -120,7 +124,7 @@ def save_checkpoint(path, model, optimizer=None, step: int = 0, state: dict | No
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -35,6 +35,7 @@ from . import rl
 from .chat import pad_ids, render
 from .errors import ConfigError, DataError
 from .profiles import get_profile
+from .report import smooth
 from .tokenizer import require_pad_token
 
 
@@ -460,17 +461,6 @@ def main(cfg: PPOConfig | None = None, out_dir=None, tracker=None, log=print, sf
     return {**{k: v for k, v in result.items() if k != "seconds"}, "train_seconds": result["seconds"],
             "comparison": comparison, "reference_unchanged": unchanged, "seconds": time.perf_counter() - t0,
             "checkpoint": str(out_dir / "final"), "config": asdict(cfg)}
-
-
-def smooth(values: list[float], window: int = 10) -> list[float]:
-    """Trailing moving average (shorter at the start), for noisy per-step curves."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
 
 
 def plot_history(history: list[dict], title: str = "PPO", window: int = 10, axes=None):

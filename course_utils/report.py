@@ -27,6 +27,27 @@ def plot_history(history: list[dict], keys=("loss", "val_loss"), title: str = ""
     return fig or ax.figure
 
 
+def smooth(values: list[float], window: int = 10) -> list[float]:
+    """Trailing moving average (shorter at the start), for noisy per-step curves."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def markdown_table(rows: list[dict], columns: dict[str, str]) -> str:
+    """A Markdown table of ``rows``; ``columns`` maps each key to a format spec (``".3f"``, ``".0%"``, ``""``)."""
+    def cell(v, spec):
+        return "—" if v is None else format(v, spec) if spec else _md_escape(str(v))
+
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(k), spec) for k, spec in columns.items()) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ") or "∅"
 

@@ -11,7 +11,6 @@ The loop itself is short on purpose; each piece below is one idea:
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import schedules
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .errors import ConfigError
 
@@ -32,23 +32,24 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
     Warmup keeps the first updates small while Adam's second-moment estimates are still
     noisy (big early steps are a classic cause of loss spikes and NaNs); the cosine tail
-    lets the model settle into a minimum with small final steps.
+    lets the model settle into a minimum with small final steps. During warmup this runs one
+    step ahead of transformers' schedule (:mod:`course_utils.schedules`), so no update is spent
+    at learning rate 0; after warmup the two are the same.
     """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return schedules.cosine(step + 1 if step < warmup_steps else step, warmup_steps, total_steps, min_ratio)
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two parameter groups: weight matrices decay, norms' gains and biases do not (decaying them only hurts)."""
+    # dict.fromkeys de-duplicates tied parameters while keeping order
+    params = list(dict.fromkeys(p for p in model.parameters() if p.requires_grad))
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
     """AdamW; decay applies to weight matrices only (not to norms' gains or biases)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    # dict.fromkeys de-duplicates tied parameters while keeping order
-    params = list(dict.fromkeys(params))
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=betas)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:

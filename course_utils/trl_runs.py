@@ -12,7 +12,7 @@ import warnings
 from .errors import ConfigError
 
 
-def _quiet(trainer):
+def quiet(trainer):
     """Without tqdm, transformers prints every log dict; the course reads ``trainer.state.log_history`` instead."""
     from transformers.trainer_callback import PrinterCallback
 
@@ -46,7 +46,7 @@ def dpo_trainer(policy, ref, tokenizer, rows: list[dict], output_dir, beta: floa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = DPOConfig(**_common(output_dir, beta=beta, loss_type=[loss_type], **args))
-        return _quiet(DPOTrainer(model=policy, ref_model=ref, args=config, train_dataset=preference_dataset(rows),
+        return quiet(DPOTrainer(model=policy, ref_model=ref, args=config, train_dataset=preference_dataset(rows),
                                  processing_class=tokenizer))
 
 
@@ -87,5 +87,5 @@ def group_trainer(kind: str, model, tokenizer, rows: list[dict], reward_fn, outp
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = Config(**_common(output_dir, **args))
-        return _quiet(Trainer(model=model, reward_funcs=[reward_fn], args=config, train_dataset=prompt_dataset(rows),
+        return quiet(Trainer(model=model, reward_funcs=[reward_fn], args=config, train_dataset=prompt_dataset(rows),
                               processing_class=tokenizer))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from course_utils import grading
-from grading_asserts import assert_mistake_fails, assert_reference_passes, assert_tasks_covered
+from grading_asserts import chapter_tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only add overhead
 
@@ -327,18 +327,8 @@ WRONG = [
 ]
 
 
-@pytest.mark.parametrize("task_id,fns,words", WRONG, ids=[f"{t}-{'+'.join(f.__name__ for f in fs)}" for t, fs, _ in WRONG])
-def test_common_mistake_fails_and_names_it(task_id, fns, words):
-    assert_mistake_fails(task_id, fns, words)
-
-
-@pytest.mark.parametrize("task_id", sorted(REFERENCES))
-def test_reference_passes(task_id):
-    assert_reference_passes(task_id, REFERENCES[task_id])
-
-
-def test_every_task_has_a_wrong_variant_and_tiers_are_valid():
-    assert_tasks_covered("06", {t for t, _, _ in WRONG}, set(REFERENCES))
+(test_common_mistake_fails_and_names_it, test_reference_passes,
+ test_every_task_has_a_wrong_variant_and_tiers_are_valid) = chapter_tests("06", WRONG, REFERENCES)
 
 
 def test_an_untouched_stub_is_not_implemented():
