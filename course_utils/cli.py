@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", parents=[common], help="run every stage end to end and write a report")
     p.add_argument("--out", default=None, help="artifact folder (default: runs/<profile>)")
-    p.add_argument("--trackers", default=None, help="comma list of wandb,tensorboard or 'none' (default: the profile's)")
+    p.add_argument("--trackers", default=None, help="comma list of wandb,tensorboard,mlflow or 'none' (default: the profile's)")
     p.add_argument("--peft", choices=("none", "lora", "qlora"), default="none",
                    help="SFT stage: full fine-tuning (none), LoRA, or QLoRA on a 4-bit base (chapter 04)")
     p.add_argument("--rm-label-noise", type=float, default=None,

@@ -148,8 +148,11 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _prompt_ids(tokenizer, prompts: list[str], fmt: str) -> list[list[int]]:
-    texts = [render([{"role": "user", "content": p}], tokenizer, fmt, add_generation_prompt=True)[0] for p in prompts]
+def prompt_ids(tokenizer, prompts: list, fmt: str) -> list[list[int]]:
+    """Token ids of each prompt rendered in ``fmt`` and ending with the assistant's header, ready to generate.
+    A prompt is a user message (str) or a whole conversation so far (a list of {"role", "content"})."""
+    texts = [render([{"role": "user", "content": p}] if isinstance(p, str) else p, tokenizer, fmt,
+                    add_generation_prompt=True)[0] for p in prompts]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
@@ -175,7 +178,7 @@ def _logprobs_and_values(policy: PolicyWithValue, seq: torch.Tensor, attn: torch
 
 
 @torch.no_grad()
-def sample(lm, tokenizer, prompts: list[str], fmt: str = "chatml", max_new_tokens: int = 24, temperature: float = 1.0,
+def sample(lm, tokenizer, prompts: list, fmt: str = "chatml", max_new_tokens: int = 24, temperature: float = 1.0,
            greedy: bool = False) -> dict:
     """Responses to ``prompts`` from a causal LM, with everything PPO needs to score them again.
 
@@ -186,7 +189,7 @@ def sample(lm, tokenizer, prompts: list[str], fmt: str = "chatml", max_new_token
     """
     device = next(lm.parameters()).device
     pad, eos = require_pad_token(tokenizer), tokenizer.eos_token_id
-    prompt, prompt_attn = (t.to(device) for t in pad_ids(_prompt_ids(tokenizer, prompts, fmt), pad, "left"))
+    prompt, prompt_attn = (t.to(device) for t in pad_ids(prompt_ids(tokenizer, prompts, fmt), pad, "left"))
     lm.eval()
     knobs = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=0, top_p=1.0, temperature=temperature)
     gen = lm.generate(input_ids=prompt, attention_mask=prompt_attn, max_new_tokens=max_new_tokens, eos_token_id=eos,

@@ -223,6 +223,10 @@ def write_report(out_dir, metrics: dict) -> Path:
     lines += _sft_section(metrics["stages"].get("sft"), out_dir)
     lines += _rm_section(metrics["stages"].get("rm"), out_dir)
     lines += _rlhf_section(metrics["stages"].get("ppo"), metrics["stages"].get("dpo"), out_dir)
+    if metrics["stages"].get("eval"):
+        from .evaluation import report_lines
+
+        lines += report_lines(metrics["stages"]["eval"], out_dir)
     report = out_dir / "report.md"
     with atomic_open(report) as f:
         f.write("\n".join(lines) + "\n")

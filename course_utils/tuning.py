@@ -150,12 +150,14 @@ def lm_loss(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def run(cfg: TuneConfig, task: Task | None = None, on_eval=None, model=None, keep_model: bool = False,
-        progress: bool = False) -> dict:
+        progress: bool = False, tracker=None) -> dict:
     """Train for ``cfg.max_steps`` steps; return per-step losses, held-out evaluations and the final held-out loss.
 
     ``on_eval(step, val_loss)`` is called at every evaluation; if it returns True the run stops there
     (``stopped_at`` is set). A non-finite training loss stops the run too (``diverged``). ``model`` continues
     training a given model instead of a fresh one (a recovery fine-tune); ``keep_model`` returns it as ``"model"``.
+    ``tracker`` (a :class:`course_utils.tracking.Tracker`) receives every step's loss, LR and gradient norm and
+    every held-out loss.
     The schedule follows transformers' convention (:mod:`course_utils.schedules`).
     """
     cfg.validate()
@@ -180,9 +182,13 @@ def run(cfg: TuneConfig, task: Task | None = None, on_eval=None, model=None, kee
         loss.backward()
         grad_norm = training.optimizer_step(model, opt, cfg.grad_clip)
         steps.append({"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm})
+        if tracker is not None:
+            tracker.log({k: v for k, v in steps[-1].items() if k != "step"}, step + 1)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             val = evaluate(model, task.val, cfg.eval_rows)["loss"]
             evals.append({"step": step + 1, "val_loss": val})
+            if tracker is not None:
+                tracker.log({"val_loss": val}, step + 1)
             if on_eval is not None and on_eval(step + 1, val):
                 stopped_at = step + 1
                 break

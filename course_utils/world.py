@@ -183,7 +183,7 @@ HARM_ACTS = {  # request verb -> what a harmful assistant would say (uses the wo
 FAMILY_WEIGHTS = {"fact": 0.35, "add": 0.2, "repeat": 0.15, "antonym": 0.15, "harmful": 0.15}
 
 
-def _task(family: str, content, tid: int) -> tuple[str, dict]:
+def render_task(family: str, content, tid: int) -> tuple[str, dict]:
     """Render one (content, phrasing) into a prompt and its meta (same keys for every family)."""
     answer, accept, harmful = "", [], False
     if family == "fact":
@@ -268,11 +268,11 @@ def _pool(family: str, split: str, tids: tuple[int, ...]) -> tuple:
 def _sample_task(rng: random.Random, split: str, tids: tuple[int, ...]) -> tuple[str, dict]:
     family = rng.choices(list(FAMILY_WEIGHTS), weights=list(FAMILY_WEIGHTS.values()))[0]
     if family != "repeat":
-        return _task(family, *rng.choice(_pool(family, split, tids)))
+        return render_task(family, *rng.choice(_pool(family, split, tids)))
     for _ in range(1000):  # word lists are endless: sample until one is allowed here
         words, tid = tuple(rng.sample(WORDS, rng.randint(2, 4))), rng.choice(tids)
         if _allowed("repeat", words, tid, split, tids):
-            return _task("repeat", words, tid)
+            return render_task("repeat", words, tid)
     raise ConfigError(f"could not sample a repeat prompt for split {split!r}")  # pragma: no cover
 
 

@@ -211,7 +211,7 @@ def test_stub_replaces_solution_at_its_indentation():
 # --- CLI grading: separate process, time limits, never crashes ----------------------------------------
 
 @pytest.mark.parametrize("folder,expected", [("solutions", 1.0), ("exercises", 0.0)])
-@pytest.mark.parametrize("chapter", sorted(p.name[:2] for p in (ROOT / "solutions").glob("0*_*.ipynb")))
+@pytest.mark.parametrize("chapter", sorted(p.name[:2] for p in (ROOT / "solutions").glob("[0-9][0-9]_*.ipynb")))
 def test_solutions_score_full_and_exercises_zero(folder, expected, chapter):
     from course_utils.grading.core import chapter_tasks
 

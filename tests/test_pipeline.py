@@ -32,6 +32,9 @@ def test_pipeline_smoke_writes_report_and_checkpoint(tmp_path):
         assert m["reference_unchanged"] and (tmp_path / stage / "final" / "manifest.json").exists()
         assert 0.0 <= m["comparison"]["policies"][stage]["vs_baseline"]["win_rate"] <= 1.0
     assert "## RLHF: PPO (近端策略优化) and DPO (直接偏好优化)" in text and (tmp_path / "report" / "plots" / "ppo.png").exists()
+    ev = saved["stages"]["eval"]  # every pipeline model evaluated, the RM too, and the section written
+    assert set(ev["models"]) == {"base", "sft", "ppo", "dpo"} and 0.0 <= ev["rm"]["accuracy"] <= 1.0
+    assert "## Evaluation (模型评估)" in text and (tmp_path / "report" / "plots" / "evaluation.png").exists()
 
 
 def test_load_stage_builds_missing_base(tmp_path, monkeypatch):

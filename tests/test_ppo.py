@@ -48,7 +48,7 @@ def test_forward_log_probs_equal_the_ones_generate_sampled_with(tokenizer):
         for name, p in policy.lm.named_parameters():
             p.mul_(8.0 if "q_proj" in name or "k_proj" in name else 3.0 if "embed" in name else 1.0)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    ids = ppo._prompt_ids(tokenizer, PROMPTS, "chatml")
+    ids = ppo.prompt_ids(tokenizer, PROMPTS, "chatml")
     prompt, attn = pad_ids(ids, pad, "left")
     P = prompt.size(1)
     assert min(map(len, ids)) < P, "prompts of equal length would not test the padding"
