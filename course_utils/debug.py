@@ -317,17 +317,14 @@ def check_model(model, tokenizer=None, chat_format: str | None = None) -> list[F
     return out
 
 
-@torch.no_grad()
 def template_logprobs(model, tokenizer, records: list[dict]) -> dict[str, float]:
     """Mean log-probability per token of each record's response given its prompt, rendered in every chat format."""
-    from .chat import FORMATS, encode, pad_batch
-    from .dpo import sequence_logprobs
+    from .chat import FORMATS
+    from .dpo import conversation_logprobs
 
-    device, out = next(model.parameters()).device, {}
+    out = {}
     for fmt in FORMATS:
-        b = pad_batch([encode(r["messages"], tokenizer, fmt) for r in records], tokenizer.pad_token_id)
-        lp, n = sequence_logprobs(model, b["input_ids"].to(device), b["attention_mask"].to(device),
-                                  (b["labels"] != IGNORE_INDEX).long().to(device))
+        lp, n = conversation_logprobs(model, tokenizer, [r["messages"] for r in records], fmt)
         out[fmt] = float(lp.sum() / n.sum())
     return out
 

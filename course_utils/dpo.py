@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .chat import IGNORE_INDEX, pad_batch
+from .chat import IGNORE_INDEX, encode, pad_batch
 from .errors import ConfigError, DataError
 from .profiles import get_profile
 from .rl import token_logprobs
@@ -47,6 +47,16 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     if bool((mask.sum(1) == 0).any()):
         raise DataError("a row has no completion token: its log-probability is undefined")
     return token_logprobs(logits, input_ids[:, 1:], mask).sum(1), mask.sum(1)
+
+
+@torch.no_grad()
+def conversation_logprobs(model, tokenizer, conversations: list[list[dict]], fmt: str = "chatml"):
+    """:func:`sequence_logprobs` of whole conversations: each rendered in ``fmt``, its assistant tokens (end-of-turn
+    included) scored. Returns (sum of log p, token count), both (B,)."""
+    b = pad_batch([encode(m, tokenizer, fmt) for m in conversations], require_pad_token(tokenizer), "right")
+    device = next(model.parameters()).device
+    return sequence_logprobs(model, b["input_ids"].to(device), b["attention_mask"].to(device),
+                             (b["labels"] != IGNORE_INDEX).long().to(device))
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

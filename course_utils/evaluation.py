@@ -201,21 +201,12 @@ def mt_bench(lm, tokenizer, convs: list[dict], cfg: EvalConfig, seed: int = 0) -
 # --- TruthfulQA-style multiple choice ----------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def choice_logprobs(lm, tokenizer, question: str, choices: list[str], fmt: str = "chatml") -> list[float]:
     """log p(choice | question) of each choice as the assistant's whole reply (its end-of-turn tokens included)."""
-    from .chat import encode, pad_batch
-    from .dpo import sequence_logprobs
-    from .objectives import IGNORE_INDEX
-    from .tokenizer import require_pad_token
+    from .dpo import conversation_logprobs
 
-    encoded = [encode([{"role": "user", "content": question}, {"role": "assistant", "content": c}], tokenizer, fmt)
-               for c in choices]
-    batch = pad_batch(encoded, require_pad_token(tokenizer), "right")
-    device = next(lm.parameters()).device
-    logp, _ = sequence_logprobs(lm, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                (batch["labels"] != IGNORE_INDEX).long().to(device))
-    return logp.tolist()
+    conversations = [[{"role": "user", "content": question}, {"role": "assistant", "content": c}] for c in choices]
+    return conversation_logprobs(lm, tokenizer, conversations, fmt)[0].tolist()
 
 
 def mc_scores(logprobs: list[float], labels: list[int]) -> tuple[float, float]:
@@ -272,23 +263,16 @@ def alignment_scores(clf, rows: list[dict], texts: list[str]) -> dict:
             "harmful_prompts": len(harmful)}
 
 
-@torch.no_grad()
 def perplexity(lm, tokenizer, cfg: EvalConfig) -> float:
     """Perplexity on held-out pretraining documents (packed, causal LM loss)."""
-    from .data import packed_ids, tokenize_and_pack
-    from .objectives import shifted_targets, token_loss_sum
+    from .data import tokenize_and_pack
+    from .pretrain import evaluate
     from .world import pretrain_corpus
 
     p = get_profile(cfg.profile)
     block = min(p.model.context_length, lm.config.max_position_embeddings)
-    ids = packed_ids(tokenize_and_pack(pretrain_corpus(p.seed, cfg.perplexity_docs, "validation"), tokenizer, block))
-    device = next(lm.parameters()).device
-    total = count = 0
-    for start in range(0, len(ids), 32):
-        x = ids[start : start + 32].to(device)
-        s, n = token_loss_sum(lm(input_ids=x).logits, shifted_targets(x))
-        total, count = total + s.item(), count + int(n)
-    return math.exp(min(50.0, total / count))
+    ds = tokenize_and_pack(pretrain_corpus(p.seed, cfg.perplexity_docs, "validation"), tokenizer, block)
+    return evaluate(lm, ds, 32, math.ceil(len(ds) / 32))["ppl"]
 
 
 # --- everything, for the pipeline's models ----------------------------------------------------------------------

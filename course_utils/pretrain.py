@@ -19,7 +19,7 @@ from . import training
 from .checkpoint import save_checkpoint
 from .data import make_dataloader, packed_ids, tokenize_and_pack
 from .errors import ConfigError
-from .objectives import OBJECTIVES, make_batch, shifted_targets, token_loss_sum
+from .objectives import IGNORE_INDEX, OBJECTIVES, make_batch, shifted_targets, token_loss_sum
 from .profiles import get_profile
 
 
@@ -69,21 +69,25 @@ PRESETS = {
 
 @torch.no_grad()
 def evaluate(model, ds, batch_size: int, max_batches: int, dtype=None) -> dict:
-    """Held-out causal-LM loss and perplexity (= exp(mean token loss)) over the first ``max_batches``."""
+    """Held-out causal-LM loss, perplexity (= exp(mean token loss)) and next-token accuracy (the argmax is the true
+    next token) over the first ``max_batches``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, hits = 0.0, 0, 0
     ids = packed_ids(ds)
     for start in range(0, min(len(ids), batch_size * max_batches), batch_size):
         x = ids[start : start + batch_size].to(device)
         with training.autocast(device, dtype):
             logits = model(input_ids=x).logits
-        loss_sum, n = token_loss_sum(logits, shifted_targets(x))
+        labels = shifted_targets(x)
+        loss_sum, n = token_loss_sum(logits, labels)
+        keep = labels != IGNORE_INDEX
         total, count = total + loss_sum.item(), count + int(n)
+        hits += int((logits.argmax(-1)[keep] == labels[keep]).sum())
     model.train(was_training)
     loss = total / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": hits / max(count, 1)}
 
 
 def train(

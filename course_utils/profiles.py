@@ -131,7 +131,10 @@ def resolve_profile_name(name: str | None = None) -> str:
     return chosen
 
 
-def get_profile(name: str | None = None) -> Profile:
+def get_profile(name: Profile | str | None = None) -> Profile:
+    """The profile called ``name`` (a :class:`Profile` is returned as it is; None: the default order)."""
+    if isinstance(name, Profile):
+        return name
     return PROFILES[resolve_profile_name(name)]
 
 

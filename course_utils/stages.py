@@ -25,7 +25,7 @@ def stage_dir(stage: str, profile: Profile | str | None = None) -> Path:
 
 def load_stage(stage: str, profile: Profile | str | None = None, build_if_missing: bool = True, device=None):
     """(model, tokenizer) of a finished stage; builds it first if missing and allowed."""
-    profile = get_profile(profile if isinstance(profile, str) or profile is None else profile.name)
+    profile = get_profile(profile)
     final = stage_dir(stage, profile) / "final"
     if not (final / "manifest.json").exists():
         if not build_if_missing:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from . import optimizers, schedules, training
 from .errors import ConfigError
-from .objectives import IGNORE_INDEX, shifted_targets, token_loss_sum
+from .objectives import shifted_targets, token_loss_sum
 from .profiles import ModelSize, get_profile
 
 
@@ -120,24 +120,13 @@ def make_task(profile: str | None = None) -> Task:
     return Task(tok, ids["train"], ids["validation"], ids["test"], size, p.seed)
 
 
-@torch.no_grad()
 def evaluate(model, ids: torch.Tensor, rows: int | None = None, batch_size: int = 64) -> dict:
-    """Mean next-token loss and accuracy (argmax = the true next token) over the first ``rows`` rows of ``ids``."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    """Mean next-token loss, perplexity and accuracy over the first ``rows`` rows of ``ids``
+    (:func:`course_utils.pretrain.evaluate`)."""
+    from .pretrain import evaluate as held_out
+
     ids = ids[:rows] if rows else ids
-    loss, hits, n = 0.0, 0, 0
-    for start in range(0, len(ids), batch_size):
-        x = ids[start : start + batch_size].to(device)
-        logits = model(input_ids=x).logits
-        labels = shifted_targets(x)
-        s, count = token_loss_sum(logits, labels)
-        keep = labels != IGNORE_INDEX
-        loss, n = loss + s.item(), n + int(count)
-        hits += int((logits.argmax(-1)[keep] == labels[keep]).sum())
-    model.train(was_training)
-    return {"loss": loss / max(n, 1), "accuracy": hits / max(n, 1)}
+    return held_out(model, ids, batch_size, math.ceil(len(ids) / batch_size))
 
 
 def _batch(task: Task, batch_size: int, gen: torch.Generator) -> torch.Tensor:

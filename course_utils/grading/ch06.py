@@ -14,17 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from .. import rl
-from .core import Failure, close as _close, mistake_notes as _notes, show as _show, task
+from .core import Failure, close as _close, mistake_notes as _notes, show as _show, task, unchanged
 
 
 def _mask(lengths: list[int], T: int) -> torch.Tensor:
     return (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).float()  # (B, T), right padding
-
-
-def _unchanged(call: str, inputs: tuple, originals: tuple) -> None:
-    if not all(torch.equal(x.detach(), o) for x, o in zip(inputs, originals)):
-        raise Failure(f"{call} changed one of its inputs (an in-place op such as +=, masked_fill_ or [...] = ?); "
-                      "compute new tensors instead")
 
 
 def _tensor(call: str, got, shape: tuple, what: str, why: str = "") -> None:
@@ -136,7 +130,7 @@ def check_gather_logprobs(gather_logprobs):
         call = (f"gather_logprobs(logits: {tuple(logits.shape)}{' bf16' if logits.dtype == torch.bfloat16 else ''}, "
                 f"tokens={tokens.tolist()}, mask={mask.int().tolist()}) ({desc})")
         got = gather_logprobs(logits, tokens, mask)
-        _unchanged(call, (logits, tokens, mask), originals)
+        unchanged(call, (logits, tokens, mask), originals)
         expected = gather_logprobs_reference(logits, tokens, mask)
         why = ""
         if torch.is_tensor(got) and tuple(got.shape) == (B, T, 1):
@@ -218,7 +212,7 @@ def check_kl_shaped_rewards(kl_shaped_rewards):
         call = (f"kl_shaped_rewards(scores={_show(scores)}, logprobs={_show(logprobs)}, "
                 f"ref_logprobs={_show(ref_logprobs)}, mask={mask.int().tolist()}, beta={beta}) ({desc})")
         got = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, beta)
-        _unchanged(call, (scores, logprobs, ref_logprobs, mask), originals)
+        unchanged(call, (scores, logprobs, ref_logprobs, mask), originals)
         expected = kl_shaped_rewards_reference(scores, logprobs, ref_logprobs, mask, beta)
         _tensor(call, got, tuple(mask.shape), "B, T: one reward per token")
         if not _close(got, expected):
@@ -299,7 +293,7 @@ def check_gae(gae):
         call = (f"gae(rewards={_show(rewards)}, values={_show(values)}, mask={mask.int().tolist()}, "
                 f"gamma={gamma}, lam={lam}) ({desc})")
         got = gae(rewards, values, mask, gamma, lam)
-        _unchanged(call, (rewards, values, mask), originals)
+        unchanged(call, (rewards, values, mask), originals)
         if not (isinstance(got, (tuple, list)) and len(got) == 2):
             raise Failure(f"{call}: expected a pair (advantages, returns), got {type(got).__name__}")
         adv, ret = got
@@ -401,7 +395,7 @@ def _check_loss_with_gradient(label: str, fn, reference, mistakes, cases, names:
         call = (f"{label}({names[0]}={_show(x)}, {names[1]}={_show(a)}, {names[2]}={_show(b)}, "
                 f"mask={mask.int().tolist()}, clip={clip}) ({desc})")
         got = fn(leaf, a, b, mask, clip)
-        _unchanged(call, (leaf, a, b, mask), originals)
+        unchanged(call, (leaf, a, b, mask), originals)
         ref_leaf = x.clone().requires_grad_()
         expected = reference(ref_leaf, a, b, mask, clip)
         _scalar_loss(call, got, expected.detach(), mistakes(x, a, b, mask, clip))

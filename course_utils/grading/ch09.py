@@ -15,13 +15,7 @@ import math
 
 import torch
 
-from .core import Failure, mistake_notes as _notes, show as _show, task
-
-
-def _unchanged(call: str, inputs, originals, what: str = "one of its inputs") -> None:
-    if not all(torch.equal(x, o) for x, o in zip(inputs, originals)):
-        raise Failure(f"{call} changed {what} (an in-place op such as mul_, add_, += or [...] = ?); compute new "
-                      "tensors and leave the ones you are given as they are")
+from .core import Failure, mistake_notes as _notes, show as _show, task, unchanged
 
 
 def _raises_value_error(call: str, why: str, fn) -> None:
@@ -200,7 +194,7 @@ def check_clip_grad_norm(clip_grad_norm):
         except ZeroDivisionError:
             raise Failure(f"{call} raised ZeroDivisionError: expected the zero gradients back and norm 0. Only scale "
                           "when norm > max_norm (torch divides by norm + 1e-6)") from None
-        _unchanged(call, grads, originals, "a gradient it was given")
+        unchanged(call, grads, originals, "a gradient it was given")
         if len(given) != len(grads) or any(a is not b for a, b in zip(given, grads)):
             raise Failure(f"{call} changed the list it was given (grads[i] = ...?); build and return a new list")
         if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], (list, tuple))):
@@ -305,7 +299,7 @@ def check_adamw_step(adamw_step):
             inputs = p, grad, m, v
             originals = [x.clone() for x in inputs]
             out = adamw_step(p, grad, m, v, step, lr, betas, eps, wd)
-            _unchanged(call, inputs, originals)
+            unchanged(call, inputs, originals)
             if not (isinstance(out, (tuple, list)) and len(out) == 3 and all(torch.is_tensor(x) for x in out)):
                 raise Failure(f"{call}: expected a tuple of three tensors (new_param, new_exp_avg, new_exp_avg_sq), "
                               f"got {type(out).__name__}")

@@ -205,6 +205,15 @@ def show(x, decimals: int = 3) -> str:
     return f"{x:.{decimals}f}" if isinstance(x, float) else repr(x)
 
 
+def unchanged(call: str, inputs, originals, what: str = "one of its inputs") -> None:
+    """Fail if a learner's function modified a tensor it was given (compare with copies taken before the call)."""
+    import torch
+
+    if not all(torch.equal(x.detach(), o) for x, o in zip(inputs, originals)):
+        raise Failure(f"{call} changed {what} (an in-place op such as +=, add_, masked_fill_ or [...] = ?); compute "
+                      "new tensors and leave the ones you are given as they are")
+
+
 def close(a, b, atol: float = 1e-5) -> bool:
     """Same shape and allclose (rtol 1e-5, NaN equal to NaN), compared in float32."""
     import torch
