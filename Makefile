@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 PROFILE ?= tiny
 
-.PHONY: install pipeline test unit notebooks bench clean
+.PHONY: install pipeline test unit notebooks course bench clean
 
 install: $(VENV)/.installed
 
@@ -21,9 +21,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 pipeline: install
 	$(VENV)/bin/llm-course --profile $(PROFILE) pipeline
 
-# Whole test suite: unit tests, then every notebook under nbval in the smoke profile
+# Whole test suite: unit tests and every notebook under nbval in the smoke profile, on TEST_JOBS processes
+# (pytest-xdist; a notebook's cells and a test file's tests stay together on one process)
+TEST_JOBS ?= 2
 test: install
-	LLM_COURSE_PROFILE=smoke WANDB_MODE=offline $(PY) -m pytest tests notebooks exercises solutions --nbval-lax --durations=15 -q
+	LLM_COURSE_PROFILE=smoke WANDB_MODE=offline OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks exercises solutions \
+		--nbval-lax -n $(TEST_JOBS) --dist loadfile --durations=15 -q
 
 unit: install
 	LLM_COURSE_PROFILE=smoke $(PY) -m pytest tests -q
@@ -31,6 +34,10 @@ unit: install
 # Re-execute notebooks in place with the tiny profile (the committed outputs)
 notebooks: install
 	$(VENV)/bin/llm-course --profile tiny notebooks
+
+# The whole course from nothing: the pipeline and every notebook, two processes at a time (about 30 min on 2 cores)
+course: install
+	$(VENV)/bin/llm-course --profile $(PROFILE) course --clean
 
 bench: install
 	$(PY) benchmarks/bench_train_loop.py

@@ -72,6 +72,15 @@ def _join_optimizer_state(tensors: dict, meta: dict) -> dict:
 # --- RNG ------------------------------------------------------------------------------------------
 
 
+def parameters_digest(model) -> str:
+    """A hash of every parameter's bytes: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def capture_rng() -> tuple[dict, dict]:
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():

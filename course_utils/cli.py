@@ -7,6 +7,7 @@
     llm-course dpo --beta 0.5        # only DPO (chapter 07)
     llm-course world --out data/     # write the tiny world's JSONL files
     llm-course notebooks             # re-execute notebooks in place (tiny profile outputs)
+    llm-course course --clean        # the whole course from nothing: pipeline + every notebook, on all cores
     llm-course env                   # what this machine has, which profile is in force
     llm-course gpu-smoke             # a short run of the gpu profile (needs CUDA + network)
     llm-course grade 01              # grade exercises/01_*.ipynb in a fresh kernel
@@ -111,6 +112,19 @@ def cmd_notebooks(args) -> int:
     from .notebooks import execute_notebooks
 
     return execute_notebooks(args.names, profile=args.profile or "tiny", timeout=args.timeout)
+
+
+def cmd_course(args) -> int:
+    import shutil
+
+    from .course import run_course
+    from .profiles import runs_dir
+
+    profile = args.profile or "tiny"
+    if args.clean:
+        print(f"--clean: deleting {runs_dir(profile)} (every checkpoint and run of profile {profile!r})")
+        shutil.rmtree(runs_dir(profile), ignore_errors=True)
+    return 0 if run_course(profile, args.names, jobs=args.jobs)["ok"] else 1
 
 
 def cmd_env(args) -> int:
@@ -222,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="notebook paths or number prefixes like 02 (default: all)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     p.set_defaults(func=cmd_notebooks)
+
+    p = sub.add_parser("course", parents=[common],
+                       help="the pipeline and every notebook, several at once (default profile: tiny)")
+    p.add_argument("names", nargs="*", help="only these notebooks (paths or prefixes like 02); the pipeline runs too")
+    p.add_argument("--jobs", type=int, default=None, help="processes at once (default: 2 on a CPU with 2+ cores)")
+    p.add_argument("--clean", action="store_true", help="delete runs/<profile> first: measure the course from nothing")
+    p.set_defaults(func=cmd_course)
 
     p = sub.add_parser("grade", parents=[common], help="grade an exercise notebook in a fresh kernel (table; --json for machines)")
     p.add_argument("target", help="chapter number (01) for exercises/01_*.ipynb, or a notebook path")

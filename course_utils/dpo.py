@@ -246,8 +246,8 @@ def main(cfg: DPOConfig | None = None, out_dir=None, tracker=None, log=print, sf
     import copy
 
     from . import judge, reward
-    from .checkpoint import save_checkpoint
-    from .ppo import frozen, gold_scores, parameters_digest, prompt_rows
+    from .checkpoint import parameters_digest, save_checkpoint
+    from .ppo import frozen, gold_scores, prompt_rows
     from .stages import load_stage, stage_dir
 
     cfg = cfg or DPOConfig.for_profile()

@@ -128,18 +128,42 @@ def train_judge(sft_lm, tokenizer, cfg: EvalConfig, log=print):
     check = {"examples": len(examples), "dropped_too_long": counts["dropped"], "seconds": time.perf_counter() - t0,
              "kendall_tau": M.kendall_tau(scores, truth),
              "exact_grade": sum(round(s) == t for s, t in zip(scores, truth)) / len(truth)}
-    log(f"  G-Eval judge: fine-tuned on {len(examples)} graded answers in {check['seconds']:.0f} s; on held-out "
-        f"answers Kendall τ with the true grade {check['kendall_tau']:.2f}, rounded grade exact "
-        f"{check['exact_grade']:.0%}")
+    log(judge_check_line(check))
     return judge.eval(), check
 
 
-def load_judge(cfg: EvalConfig, sft_lm, tokenizer, log=print):
+def judge_check_line(check: dict) -> str:
+    return (f"  G-Eval judge: fine-tuned on {check['examples']} graded answers in {check['seconds']:.0f} s; "
+            f"on held-out answers Kendall τ with the true grade {check['kendall_tau']:.2f}, rounded grade exact "
+            f"{check['exact_grade']:.0%}")
+
+
+def _judge_run(cfg: EvalConfig, out_dir, log=print, tracker=None, sft=None) -> dict:
+    """:func:`train_judge` shaped as a stage for :func:`course_utils.stages.run_once`: saves the judge, returns its check."""
+    from .checkpoint import save_checkpoint
+
+    judge, check = train_judge(*sft, cfg, log=lambda *_: None)
+    save_checkpoint(Path(out_dir) / "final", judge, tokenizer=sft[1])
+    return check
+
+
+def load_judge(cfg: EvalConfig, sft_lm, tokenizer, log=print, folder=None, reuse=()):
     """(judge model, its tokenizer, check): the fine-tuned tiny judge offline; in the gpu profile an
-    instruction-tuned hub model (``GPU_ASSETS["judge"]``) used zero-shot, with no ground truth to check it."""
+    instruction-tuned hub model (``GPU_ASSETS["judge"]``) used zero-shot, with no ground truth to check it.
+
+    With a ``folder`` the tiny judge is saved there, and a judge already trained there or in a ``reuse`` folder from
+    the same config and SFT weights is loaded instead of trained again (:func:`course_utils.stages.run_once`)."""
     if get_profile(cfg.profile).offline:
-        judge, check = train_judge(sft_lm, tokenizer, cfg, log)
-        return judge, tokenizer, check
+        if folder is None:
+            judge, check = train_judge(sft_lm, tokenizer, cfg, log=lambda *_: None)
+        else:
+            from .stages import find_run, load_model_dir, run_once
+
+            check = run_once(_judge_run, cfg, folder, reuse=reuse, log=log, sft=(sft_lm, tokenizer))
+            where = find_run(cfg, (folder, *reuse), sft=(sft_lm, tokenizer))
+            judge = load_model_dir(where / "final", device=next(sft_lm.parameters()).device)[0]
+        log(judge_check_line(check))
+        return judge.eval(), tokenizer, check
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = GPU_ASSETS["judge"]
@@ -367,26 +391,43 @@ def agreement(results: dict) -> dict:
     return out
 
 
-def main(cfg: EvalConfig | None = None, out_dir=None, tracker=None, log=print, runs=None) -> dict:
-    """Evaluate the checkpoints of a pipeline run (``runs``: its folder, default ``runs/<profile>``)."""
+def main(cfg: EvalConfig | None = None, out_dir=None, tracker=None, log=print, runs=None, models=None, rm=None) -> dict:
+    """Evaluate ``models`` ({name: (causal LM, tokenizer)}, with "sft") and the reward model ``rm``; by default the
+    checkpoints of a pipeline run (``runs``: its folder, default ``runs/<profile>``). The judge is saved under
+    ``out_dir/judge``."""
     from .io import write_json
     from .profiles import runs_dir
     from .stages import STAGES, load_model_dir
 
     cfg = cfg or EvalConfig.for_profile()
     cfg.validate()
-    runs = Path(runs) if runs else runs_dir(cfg.profile)
-    models, tokenizer = {}, None
-    for name in MODELS:
-        path = runs / STAGES[name] / "final"
-        if (path / "manifest.json").exists():
-            models[name], tokenizer = load_model_dir(path)
+    tokenizer = None
+    if models is None:
+        runs = Path(runs) if runs else runs_dir(cfg.profile)
+        models = {}
+        for name in MODELS:
+            path = runs / STAGES[name] / "final"
+            if (path / "manifest.json").exists():
+                models[name], tokenizer = load_model_dir(path)
+        rm_path = runs / STAGES["rm"] / "final"
+        rm = load_model_dir(rm_path, reward=True)[0] if (rm_path / "manifest.json").exists() else None
+    else:
+        if "sft" not in models or not isinstance(models["sft"], tuple):
+            raise ConfigError("models must map names to (model, tokenizer) and include 'sft'")
+        tokenizer = models["sft"][1]
+        models = {name: m[0] if isinstance(m, tuple) else m for name, m in models.items()}
+        rm = rm[0] if isinstance(rm, tuple) else rm
     if "sft" not in models:
         raise ConfigError(f"no SFT checkpoint under {runs}: run the pipeline (or its sft stage) first")
-    rm_path = runs / STAGES["rm"] / "final"
-    rm = load_model_dir(rm_path, reward=True)[0] if (rm_path / "manifest.json").exists() else None
     log(f"  evaluating {', '.join(models)}" + (" and the reward model" if rm is not None else ""))
-    result = evaluate_models(models, tokenizer, cfg, rm=rm, log=log)
+    folder = Path(out_dir) / "judge" if out_dir is not None else None
+    judge = load_judge(cfg, models["sft"], tokenizer, log, folder=folder)
+    result = evaluate_models(models, tokenizer, cfg, rm=rm, log=log, judge=judge)
+    if tracker is not None:  # the table, one metric per model and column (e.g. "ppo/win_rate"), and the agreements
+        tracker.log({f"{name}/{k}": m[k] for name, m in result["models"].items() for k in COLUMNS
+                     if isinstance(m.get(k), (int, float)) and math.isfinite(m[k])}
+                    | {f"agreement/{k}": v for k, v in result["agreement"].items()
+                       if isinstance(v, (int, float)) and math.isfinite(v)}, step=0)
     if out_dir is not None:
         write_json(Path(out_dir) / "evaluation.json", result)
     return result

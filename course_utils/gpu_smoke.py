@@ -155,19 +155,20 @@ def rlhf_smoke(model, tokenizer, rm, steps: int = 10, n_prompts: int = 256, **pp
     import copy
 
     from . import dpo, ppo
+    from .checkpoint import parameters_digest
     from .reward import RewardConfig, build_pairs, clean_pairs, encode_pairs, reward_scores
 
     cfg = ppo.PPOConfig.for_profile("gpu", **{"steps": steps, "progress": False, "log_every": 0, **ppo_overrides})
     rm_cfg = RewardConfig.for_profile("gpu")
     rows, _ = ppo.prompt_rows("gpu", n_prompts, 1, cfg.seed)
     policy, ref = ppo.PolicyWithValue(copy.deepcopy(model)), ppo.frozen(copy.deepcopy(model))
-    digest = ppo.parameters_digest(ref)
+    digest = parameters_digest(ref)
     t0 = time.perf_counter()
     result = ppo.train(cfg, policy, ref, tokenizer, rows, lambda q, t: reward_scores(rm, tokenizer, q, t, rm_cfg),
                        log=lambda *_: None)
     h = result["history"]
     out = {"ppo_steps": len(h), "ppo_seconds": time.perf_counter() - t0, "rm_first": h[0]["rm_score"],
-           "rm_last": h[-1]["rm_score"], "kl_last": h[-1]["kl"], "reference_unchanged": ppo.parameters_digest(ref) == digest,
+           "rm_last": h[-1]["rm_score"], "kl_last": h[-1]["kl"], "reference_unchanged": parameters_digest(ref) == digest,
            "counts": result["counts"]}
     del policy
     dcfg = dpo.DPOConfig.for_profile("gpu", max_steps=steps, warmup_steps=1, progress=False, log_every=1,

@@ -114,7 +114,8 @@ def compare(policies: dict, tokenizer, rows: list[dict], ref_lm, baseline: str, 
 def summary(result: dict) -> str:
     """One line per policy: true score, RM score, KL, win-rate vs the baseline."""
     lines = []
-    for name, m in result["policies"].items():
+    base = result["baseline"]  # first, whatever order the dict has (a result read back from JSON may be sorted)
+    for name, m in sorted(result["policies"].items(), key=lambda item: item[0] != base):
         parts = [f"{name:>5}:"]
         if "true_score" in m:
             parts.append(f"true score {m['true_score']:.3f} (greedy {m['true_score_greedy']:.3f})")

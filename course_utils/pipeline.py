@@ -25,7 +25,8 @@ def run_pipeline(profile: str | None = None, out_dir=None, trackers=None, log=pr
     """
     from . import dpo, evaluation, ppo, pretrain, reward, sft
     from .report import write_report
-    from .stages import load_model_dir
+    from .stages import STAGES as STAGE_DIRS
+    from .stages import load_model_dir, run_once
     from .world import write_world
 
     p = get_profile(profile)
@@ -45,12 +46,13 @@ def run_pipeline(profile: str | None = None, out_dir=None, trackers=None, log=pr
         log(f"[1/8] gpu profile: data comes from the hub ({', '.join(p.hub_datasets.values())})")
     metrics["stage_seconds"]["world"] = time.perf_counter() - t
 
-    def stage(name: str, cfg, run) -> None:
-        """Run one stage with its own tracker; record its metrics and wall time."""
+    def stage(name: str, cfg, main, **inputs) -> None:
+        """Run one stage with its own tracker; record its metrics and wall time. The stage's folder also gets
+        ``result.json`` (:func:`course_utils.stages.run_once`), which notebooks reuse instead of training again."""
         t = time.perf_counter()
         tracker = Tracker(name, config=vars(cfg), backends=trackers, log_dir=out / "tracking")
         try:
-            metrics["stages"][name] = run(cfg, out_dir=out / name, tracker=tracker, log=log)
+            metrics["stages"][name] = run_once(main, cfg, out / name, fresh=True, log=log, tracker=tracker, **inputs)
         finally:
             tracker.finish()
         metrics["stage_seconds"][name] = time.perf_counter() - t
@@ -59,25 +61,26 @@ def run_pipeline(profile: str | None = None, out_dir=None, trackers=None, log=pr
     stage("pretrain", pretrain.PretrainConfig.for_profile(p.name, **pretrain_overrides), pretrain.main)
 
     log("[3/8] supervised fine-tuning, SFT (指令微调): chat template, loss on the assistant's tokens only")
-    stage("sft", sft.SFTConfig.for_profile(p.name, **(sft_overrides or {})),
-          lambda cfg, **kw: sft.main(cfg, base=load_model_dir(out / "pretrain" / "final"), **kw))
+    stage("sft", sft.SFTConfig.for_profile(p.name, **(sft_overrides or {})), sft.main,
+          base=load_model_dir(out / "pretrain" / "final"))
 
     log("[4/8] reward model, RM (奖励建模): clean the preference pairs, Bradley–Terry loss, accuracy / AUC / Kendall τ")
-    stage("rm", reward.RewardConfig.for_profile(p.name, **(rm_overrides or {})),
-          lambda cfg, **kw: reward.main(cfg, sft=load_model_dir(out / "sft" / "final"), **kw))
+    stage("rm", reward.RewardConfig.for_profile(p.name, **(rm_overrides or {})), reward.main,
+          sft=load_model_dir(out / "sft" / "final"))
 
-    def after_rm(main):
-        return lambda cfg, **kw: main(cfg, sft=load_model_dir(out / "sft" / "final"),
-                                      rm=load_model_dir(out / "rm" / "final", reward=True), **kw)
+    def after_rm():
+        return {"sft": load_model_dir(out / "sft" / "final"), "rm": load_model_dir(out / "rm" / "final", reward=True)}
 
     log("[5/8] RLHF with PPO (近端策略优化): rollouts scored by the RM, KL penalty to the frozen SFT model, clipped updates")
-    stage("ppo", ppo.PPOConfig.for_profile(p.name, **(ppo_overrides or {})), after_rm(ppo.main))
+    stage("ppo", ppo.PPOConfig.for_profile(p.name, **(ppo_overrides or {})), ppo.main, **after_rm())
     log("[6/8] DPO (直接偏好优化): pairs of the SFT model's own answers ranked by the RM, a classification loss, "
         "no RL loop")
-    stage("dpo", dpo.DPOConfig.for_profile(p.name, **(dpo_overrides or {})), after_rm(dpo.main))
+    stage("dpo", dpo.DPOConfig.for_profile(p.name, **(dpo_overrides or {})), dpo.main, **after_rm())
     log("[7/8] evaluation (模型评估): every model on held-out prompts with every metric, ranked against the truth")
-    stage("eval", evaluation.EvalConfig.for_profile(p.name, **(eval_overrides or {})),
-          lambda cfg, **kw: evaluation.main(cfg, runs=out, **kw))
+    finished = {name: load_model_dir(out / STAGE_DIRS[name] / "final") for name in evaluation.MODELS
+                if (out / STAGE_DIRS[name] / "final" / "manifest.json").exists()}  # as notebook 10 loads them
+    stage("eval", evaluation.EvalConfig.for_profile(p.name, **(eval_overrides or {})), evaluation.main,
+          models=finished, rm=load_model_dir(out / "rm" / "final", reward=True))
     if trackers:
         log(f"  metrics also sent to {', '.join(trackers)} under {out / 'tracking'}")
 

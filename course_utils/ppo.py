@@ -33,6 +33,7 @@ from torch import nn
 
 from . import rl
 from .chat import pad_ids, render
+from .checkpoint import parameters_digest
 from .errors import ConfigError, DataError
 from .profiles import get_profile
 from .report import smooth
@@ -372,25 +373,11 @@ def train(cfg: PPOConfig, policy: PolicyWithValue, ref_lm, tokenizer, rows: list
             tracker.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
         bar.set_postfix(rm=f"{row['rm_score']:.2f}", kl=f"{row['kl']:.2f}", beta=f"{beta:.3f}")
         if cfg.log_every and ((step + 1) % cfg.log_every == 0 or step == 0):
-            tqdm.write(f"  step {step + 1:4d}  RM {row['rm_score']:+.2f}"
-                       + (f"  true {row['true_score']:.3f}" if "true_score" in row else "")
-                       + f"  KL {row['kl']:5.2f}  β {beta:.4f}  clip {diag['clip_fraction']:.3f}"
-                       f"  EV {diag['explained_variance']:+.2f}  len {st['response_tokens']:.1f}")
+            tqdm.write(history_line(row))
     settled = [r["kl"] for r in history[len(history) // 4 :]]  # after warm-up: the first quarter of the steps
     return {"history": history, "counts": counts, "steps": cfg.steps, "seconds": time.perf_counter() - t0,
             "reward_norm": {"mean": mean, "std": std}, "final_beta": ctl.beta,
             "kl_after_warmup": sum(settled) / len(settled)}
-
-
-def parameters_digest(model) -> str:
-    """A hash of every parameter's bytes: equal digests mean bit-identical weights."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def gold_scores(rows: list[dict], texts: list[str]) -> list[float]:
@@ -464,6 +451,14 @@ def main(cfg: PPOConfig | None = None, out_dir=None, tracker=None, log=print, sf
     return {**{k: v for k, v in result.items() if k != "seconds"}, "train_seconds": result["seconds"],
             "comparison": comparison, "reference_unchanged": unchanged, "seconds": time.perf_counter() - t0,
             "checkpoint": str(out_dir / "final"), "config": asdict(cfg)}
+
+
+def history_line(row: dict) -> str:
+    """One row of :func:`train`'s history as the training log prints it."""
+    return (f"  step {row['step']:4d}  RM {row['rm_score']:+.2f}"
+            + (f"  true {row['true_score']:.3f}" if "true_score" in row else "")
+            + f"  KL {row['kl']:5.2f}  β {row['beta']:.4f}  clip {row['clip_fraction']:.3f}"
+            f"  EV {row['explained_variance']:+.2f}  len {row['response_tokens']:.1f}")
 
 
 def plot_history(history: list[dict], title: str = "PPO", window: int = 10, axes=None):

@@ -211,6 +211,22 @@ def test_evaluate_models_end_to_end(smoke_models):
     assert [r["model"] for r in rows] == ["base", "sft"]
 
 
+def test_the_evaluation_stage_logs_its_table_to_the_tracker(smoke_models, tmp_path):
+    from course_utils.tracking import Tracker
+
+    models, tok = smoke_models
+    cfg = evaluation.EvalConfig.for_profile("smoke", bertscore=False)
+    tracker = Tracker("eval", backends=())
+    result = evaluation.main(cfg, out_dir=tmp_path, tracker=tracker, log=lambda *a: None,
+                             models={name: (lm, tok) for name, lm in models.items()})
+    logged = tracker.history[0]
+    assert logged["sft/true_score"] == pytest.approx(result["models"]["sft"]["true_score"])
+    assert logged["base/mc2"] == pytest.approx(result["models"]["base"]["mc2"])
+    finite = {f"agreement/{k}" for k, v in result["agreement"].items() if v is not None and math.isfinite(v)}
+    assert finite and {k for k in logged if k.startswith("agreement/")} == finite  # NaN (a tie in the truth) is left out
+    assert (tmp_path / "judge" / "final" / "manifest.json").exists()  # the judge was kept for the next reader
+
+
 def test_truthfulqa_loader_keeps_the_real_layout(monkeypatch):
     import datasets
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -52,5 +53,7 @@ def test_compare_judges_policies_against_the_baseline(tokenizer, make_model):
     assert "vs_baseline" not in sft and new["vs_baseline"]["n"] == 6 and new["vs_baseline_per_sample"]["n"] == 12
     assert len(result["samples"]) == 3 and set(result["samples"][0]) == {"prompt", "sft", "new", "same"}
     assert "win-rate vs sft" in judge.summary(result)
+    read_back = json.loads(json.dumps(result, sort_keys=True))  # a saved result may come back with its keys sorted
+    assert [line.split(":")[0].strip() for line in judge.summary(read_back).splitlines()] == ["sft", "new", "same"]
     with pytest.raises(ConfigError, match="baseline"):
         judge.compare({"a": base}, tokenizer, rows, base, "sft")

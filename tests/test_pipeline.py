@@ -1,5 +1,6 @@
 """The main command end to end in the smoke profile, the CLI, tracking and sampling."""
 
+import copy
 import json
 
 import pytest
@@ -11,8 +12,14 @@ from course_utils.pipeline import run_pipeline
 from course_utils.tracking import Tracker
 
 
-def test_pipeline_smoke_writes_report_and_checkpoint(tmp_path):
-    metrics = run_pipeline("smoke", out_dir=tmp_path, trackers=(), log=lambda *_: None)
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("pipeline")
+    return tmp_path, run_pipeline("smoke", out_dir=tmp_path, trackers=(), log=lambda *_: None)
+
+
+def test_pipeline_smoke_writes_report_and_checkpoint(smoke_run):
+    tmp_path, metrics = smoke_run
     report = tmp_path / "report" / "report.md"
     saved = json.loads((tmp_path / "report" / "metrics.json").read_text())
     pre = saved["stages"]["pretrain"]
@@ -35,6 +42,79 @@ def test_pipeline_smoke_writes_report_and_checkpoint(tmp_path):
     ev = saved["stages"]["eval"]  # every pipeline model evaluated, the RM too, and the section written
     assert set(ev["models"]) == {"base", "sft", "ppo", "dpo"} and 0.0 <= ev["rm"]["accuracy"] <= 1.0
     assert "## Evaluation (模型评估)" in text and (tmp_path / "report" / "plots" / "evaluation.png").exists()
+
+
+def test_a_stage_run_is_reused_only_with_the_same_config_and_input_weights(smoke_run, tmp_path):
+    from dataclasses import replace
+
+    from course_utils import ppo
+    from course_utils.stages import RECORD, load_model_dir, run_once
+
+    runs, _ = smoke_run
+    saved = json.loads((runs / "report" / "metrics.json").read_text())["stages"]["ppo"]
+    assert json.loads((runs / "ppo" / RECORD).read_text())["result"] == saved  # the pipeline recorded what it returned
+    inputs = {"sft": load_model_dir(runs / "sft" / "final"), "rm": load_model_dir(runs / "rm" / "final", reward=True)}
+    cfg = ppo.PPOConfig.for_profile("smoke")
+    calls = []
+
+    def main(cfg, out_dir, **kw):  # stands in for ppo.main: a reuse must not call it
+        calls.append(cfg)
+        (out_dir / "final").mkdir(parents=True)
+        (out_dir / "final" / "manifest.json").write_text("{}")
+        return {"trained": True, "seconds": 0.0}
+
+    assert run_once(main, cfg, tmp_path / "a", reuse=[runs / "ppo"], **inputs) == saved and not calls
+    assert run_once(main, cfg, tmp_path / "b", reuse=[runs / "ppo"], fresh=True, **inputs)["trained"]
+    assert run_once(main, replace(cfg, steps=cfg.steps + 1), tmp_path / "c", reuse=[runs / "ppo"], **inputs)["trained"]
+    with torch.no_grad():  # one weight of the reward model changed by one step of float32: a different input
+        p = next(inputs["rm"][0].parameters())
+        p.view(-1)[0] = torch.nextafter(p.view(-1)[0], torch.tensor(float("inf")))
+    assert run_once(main, cfg, tmp_path / "d", reuse=[runs / "ppo"], **inputs)["trained"] and len(calls) == 3
+    again = run_once(main, cfg, tmp_path / "d", **inputs)  # its own record now, keys in the order main gave them
+    assert again == {"trained": True, "seconds": 0.0} and list(again) == ["trained", "seconds"] and len(calls) == 3
+
+
+def test_a_run_that_trains_its_input_in_place_is_keyed_by_the_weights_it_started_from(tmp_path):
+    from course_utils import sft
+    from course_utils.stages import find_run, run_once
+
+    model = torch.nn.Linear(2, 2)
+    start = copy.deepcopy(model)
+    cfg = sft.SFTConfig.for_profile("smoke")
+
+    def trains_in_place(cfg, out_dir, base, **kw):  # as sft.main does with a full fine-tuning run
+        with torch.no_grad():
+            base.weight.add_(1.0)
+        return {"seconds": 0.0}
+
+    run_once(trains_in_place, cfg, tmp_path, base=model)
+    assert find_run(cfg, [tmp_path], base=start) == tmp_path  # found again from the weights it started from
+    assert find_run(cfg, [tmp_path], base=model) is None  # not from the weights it ended with
+
+
+def test_the_evaluation_judge_is_saved_and_reused_not_trained_again(smoke_run, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from course_utils import evaluation
+    from course_utils.checkpoint import parameters_digest
+    from course_utils.stages import load_model_dir
+
+    runs, _ = smoke_run
+    sft_lm, tok = load_model_dir(runs / "sft" / "final")
+    cfg = evaluation.EvalConfig.for_profile("smoke")
+    saved = load_model_dir(runs / "eval" / "judge" / "final")[0]
+
+    def no_training(*a, **kw):
+        raise AssertionError("the judge was trained again")
+
+    monkeypatch.setattr(evaluation, "train_judge", no_training)
+    judge, judge_tok, check = evaluation.load_judge(cfg, sft_lm, tok, log=lambda *_: None, folder=tmp_path / "j",
+                                                    reuse=[runs / "eval" / "judge"])
+    assert parameters_digest(judge) == parameters_digest(saved) and judge_tok is tok and 0.0 <= check["exact_grade"] <= 1
+    monkeypatch.undo()  # another config (more judge steps): trained and saved in its own folder
+    other = evaluation.load_judge(replace(cfg, judge_steps=cfg.judge_steps + 1), sft_lm, tok, log=lambda *_: None,
+                                  folder=tmp_path / "j", reuse=[runs / "eval" / "judge"])[0]
+    assert parameters_digest(other) != parameters_digest(saved) and (tmp_path / "j" / "final" / "manifest.json").exists()
 
 
 def test_load_stage_builds_missing_base(tmp_path, monkeypatch):
