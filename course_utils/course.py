@@ -45,9 +45,10 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "notebooks/14": ("base", "sft", "rm", "ppo", "dpo"),
     **{f"solutions/{n:02d}": () for n in range(1, 11)},
 }
-# Rough minutes in the tiny profile on 2 cores: the longest ready task starts first, so no long one is left to the end.
-MINUTES = {"pipeline": 15, "notebooks/07": 6, "notebooks/04": 6, "notebooks/05": 5, "notebooks/02": 3,
-           "notebooks/09": 3, "notebooks/03": 3, "notebooks/06": 3, "notebooks/13": 2, "notebooks/10": 2}
+# Minutes each took in `make course` (tiny, one thread each on 2 cores): the longest ready task starts first, so no
+# long one is left for the end.
+MINUTES = {"pipeline": 24, "notebooks/04": 9, "notebooks/07": 9, "notebooks/05": 8, "notebooks/03": 5,
+           "notebooks/09": 5, "notebooks/02": 5, "notebooks/13": 4, "notebooks/06": 4, "notebooks/01": 2}
 
 
 @dataclass

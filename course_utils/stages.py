@@ -55,8 +55,9 @@ def build_stage(stage: str, profile: Profile | str | None = None) -> None:
         if (folder / "final" / "manifest.json").exists():  # built by another process while this one waited
             return
         print(f"stage {stage!r} not found for profile {profile.name!r}: building it now ...")
-        module, config = {"base": ("pretrain", "PretrainConfig"), "sft": ("sft", "SFTConfig"), "rm": ("reward", "RewardConfig"),
-                          "ppo": ("ppo", "PPOConfig"), "dpo": ("dpo", "DPOConfig")}[stage]
+        module, config = {"base": ("pretrain", "PretrainConfig"), "sft": ("sft", "SFTConfig"),
+                          "rm": ("reward", "RewardConfig"), "ppo": ("ppo", "PPOConfig"),
+                          "dpo": ("dpo", "DPOConfig")}[stage]
         module = importlib.import_module(f"course_utils.{module}")
         module.main(getattr(module, config).for_profile(profile.name))
 
@@ -98,12 +99,12 @@ def run_key(cfg, inputs: dict) -> dict:
     return json.loads(json.dumps({"config": config, "inputs": digests}, default=str))
 
 
-def find_run(cfg, folders, **inputs) -> Path | None:
+def find_run(cfg, folders, key: dict | None = None, **inputs) -> Path | None:
     """The first of ``folders`` holding a finished run of ``cfg`` on these inputs (its record, and its checkpoint
-    ``final/`` if it saved one)."""
+    ``final/`` if it saved one). ``key``: :func:`run_key` if already computed (it hashes every input weight)."""
     import json
 
-    key = run_key(cfg, inputs)
+    key = key or run_key(cfg, inputs)
     for folder in map(Path, folders):
         record = folder / RECORD
         if record.exists():
@@ -126,7 +127,7 @@ def run_once(main, cfg, out_dir, reuse=(), fresh: bool = False, log=print, track
     from .io import atomic_open
 
     key = run_key(cfg, inputs)  # before main runs: a stage may train its input model in place (SFT does)
-    found = None if fresh else find_run(cfg, (out_dir, *reuse), **inputs)
+    found = None if fresh else find_run(cfg, (out_dir, *reuse), key=key)
     if found is not None:
         saved = json.loads((found / RECORD).read_text())["result"]
         log(f"  same config and same input weights as the finished run in {found}: reusing its result "
