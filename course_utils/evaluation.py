@@ -106,10 +106,11 @@ def judge_prompt(question: str, answer: str) -> str:
     return JUDGE_TEMPLATE.format(question=question, answer=answer)
 
 
-def train_judge(sft_lm, tokenizer, cfg: EvalConfig, log=print):
+def train_judge(sft_lm, tokenizer, cfg: EvalConfig):
     """A copy of the SFT model fine-tuned to reply to :func:`judge_prompt` with the right grade (1–5).
 
-    Returns (judge, check): ``check`` compares its G-Eval scores on held-out graded answers with the truth.
+    Returns (judge, check): ``check`` compares its G-Eval scores on held-out graded answers with the truth
+    (:func:`judge_check_line` prints it).
     """
     from .chat import to_messages
     from .evalsets import judge_records
@@ -128,7 +129,6 @@ def train_judge(sft_lm, tokenizer, cfg: EvalConfig, log=print):
     check = {"examples": len(examples), "dropped_too_long": counts["dropped"], "seconds": time.perf_counter() - t0,
              "kendall_tau": M.kendall_tau(scores, truth),
              "exact_grade": sum(round(s) == t for s, t in zip(scores, truth)) / len(truth)}
-    log(judge_check_line(check))
     return judge.eval(), check
 
 
@@ -139,10 +139,11 @@ def judge_check_line(check: dict) -> str:
 
 
 def _judge_run(cfg: EvalConfig, out_dir, log=print, tracker=None, sft=None) -> dict:
-    """:func:`train_judge` shaped as a stage for :func:`course_utils.stages.run_once`: saves the judge, returns its check."""
+    """:func:`train_judge` shaped as a stage for :func:`course_utils.stages.run_once`: saves the judge, returns
+    its check."""
     from .checkpoint import save_checkpoint
 
-    judge, check = train_judge(*sft, cfg, log=lambda *_: None)
+    judge, check = train_judge(*sft, cfg)
     save_checkpoint(Path(out_dir) / "final", judge, tokenizer=sft[1])
     return check
 
@@ -155,7 +156,7 @@ def load_judge(cfg: EvalConfig, sft_lm, tokenizer, log=print, folder=None, reuse
     the same config and SFT weights is loaded instead of trained again (:func:`course_utils.stages.run_once`)."""
     if get_profile(cfg.profile).offline:
         if folder is None:
-            judge, check = train_judge(sft_lm, tokenizer, cfg, log=lambda *_: None)
+            judge, check = train_judge(sft_lm, tokenizer, cfg)
         else:
             from .stages import find_run, load_model_dir, run_once
 
@@ -401,24 +402,19 @@ def main(cfg: EvalConfig | None = None, out_dir=None, tracker=None, log=print, r
 
     cfg = cfg or EvalConfig.for_profile()
     cfg.validate()
-    tokenizer = None
-    if models is None:
+    if models is None:  # the checkpoints of a pipeline run
         runs = Path(runs) if runs else runs_dir(cfg.profile)
-        models = {}
-        for name in MODELS:
-            path = runs / STAGES[name] / "final"
-            if (path / "manifest.json").exists():
-                models[name], tokenizer = load_model_dir(path)
+        models = {name: load_model_dir(runs / STAGES[name] / "final") for name in MODELS
+                  if (runs / STAGES[name] / "final" / "manifest.json").exists()}
+        if "sft" not in models:
+            raise ConfigError(f"no SFT checkpoint under {runs}: run the pipeline (or its sft stage) first")
         rm_path = runs / STAGES["rm"] / "final"
-        rm = load_model_dir(rm_path, reward=True)[0] if (rm_path / "manifest.json").exists() else None
-    else:
-        if "sft" not in models or not isinstance(models["sft"], tuple):
-            raise ConfigError("models must map names to (model, tokenizer) and include 'sft'")
-        tokenizer = models["sft"][1]
-        models = {name: m[0] if isinstance(m, tuple) else m for name, m in models.items()}
-        rm = rm[0] if isinstance(rm, tuple) else rm
-    if "sft" not in models:
-        raise ConfigError(f"no SFT checkpoint under {runs}: run the pipeline (or its sft stage) first")
+        rm = load_model_dir(rm_path, reward=True) if (rm_path / "manifest.json").exists() else None
+    if "sft" not in models or not isinstance(models["sft"], tuple):
+        raise ConfigError("models must map names to (model, tokenizer) and include 'sft'")
+    tokenizer = models["sft"][1]
+    models = {name: m[0] if isinstance(m, tuple) else m for name, m in models.items()}
+    rm = rm[0] if isinstance(rm, tuple) else rm
     log(f"  evaluating {', '.join(models)}" + (" and the reward model" if rm is not None else ""))
     folder = Path(out_dir) / "judge" if out_dir is not None else None
     judge = load_judge(cfg, models["sft"], tokenizer, log, folder=folder)
