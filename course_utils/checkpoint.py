@@ -179,6 +179,13 @@ def verify_checkpoint(path) -> dict:
     return manifest
 
 
+def trainer_state(path) -> dict:
+    """A verified checkpoint's ``trainer_state.json``: its step, RNG metadata and, for the course's loops, the
+    logged ``history`` rows of the whole run."""
+    verify_checkpoint(path)
+    return json.loads((Path(path) / "trainer_state.json").read_text())
+
+
 def load_checkpoint(path, model, optimizer=None, restore_rng_state: bool = True) -> dict:
     """Load weights (and optimizer / RNG state) into existing objects; return ``trainer_state.json``."""
     path = Path(path)

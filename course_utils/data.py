@@ -130,6 +130,14 @@ class LengthGroupedStepSampler(StepBatchSampler):
         return torch.cat([batches.reshape(-1), order[usable:]])
 
 
+def step_sampler(lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True) -> StepBatchSampler:
+    """The micro-batches of a padded-batch loop (SFT, RM, DPO): length-grouped (:class:`LengthGroupedStepSampler`)
+    or randomly mixed. ``lengths[i]`` is the padded length row ``i`` needs."""
+    if group_by_length:
+        return LengthGroupedStepSampler(lengths, batch_size, seed)
+    return StepBatchSampler(len(lengths), batch_size, seed)
+
+
 class _Rows(torch.utils.data.Dataset):
     """Hands a whole micro-batch to the DataLoader in one indexing call (fast for in-memory tensors)."""
 

@@ -103,6 +103,7 @@ class DPOConfig:
     on_policy_samples: int = 4  # "on_policy": samples per prompt; best and worst by RM score make the pair
     max_pairs: int = 0  # > 0: use only the first max_pairs labelled pairs; 0: all of them
     batch_size: int = 32  # pairs per optimizer step
+    group_by_length: bool = True  # batches of pairs of similar length: less padding (data.LengthGroupedStepSampler)
     max_steps: int = 300
     lr: float = 2e-5
     warmup_steps: int = 20
@@ -140,8 +141,9 @@ class DPOConfig:
 PRESETS = {
     "smoke": dict(max_steps=4, batch_size=8, warmup_steps=1, eval_prompts=8, eval_samples=1, max_new_tokens=12,
                   log_every=1, pairs="labelled"),  # an untrained smoke model seldom finishes an answer: no pairs
-    # the defaults; measured in notebook 07 and the pipeline report (README: chapter 07)
-    "tiny": dict(),
+    # measured in notebook 07 and the pipeline report (README: chapter 07). 2,000 prompts and 300 steps won 80% of
+    # prompts against SFT; these 1,000 and 200, 76%, in a third less time (the tiny course stays under 30 minutes)
+    "tiny": dict(on_policy_prompts=1000, max_steps=200),
     "gpu": dict(max_steps=300, batch_size=16, lr=5e-7, max_new_tokens=128, eval_samples=1),
 }
 
@@ -207,12 +209,13 @@ def train(cfg: DPOConfig, model, ref_model, tokenizer, pairs: list[tuple], track
     from tqdm import tqdm
 
     from . import training
-    from .data import StepBatchSampler
+    from .data import step_sampler
 
     cfg.validate()
     device = next(model.parameters()).device
     pad = require_pad_token(tokenizer)
-    sampler = StepBatchSampler(len(pairs), cfg.batch_size, cfg.seed)
+    lengths = [max(len(p[0].input_ids), len(p[1].input_ids)) for p in pairs]  # both sides share one padded length
+    sampler = step_sampler(lengths, cfg.batch_size, cfg.seed, cfg.group_by_length)
     opt = training.make_optimizer(model, cfg.lr, cfg.weight_decay)
     history, t0 = [], time.perf_counter()
     model.train()

@@ -16,7 +16,7 @@ import torch
 
 from . import training
 from .chat import FORMATS, OVERFLOW, encode, pad_batch, pad_ids, render, to_messages
-from .data import StepBatchSampler
+from .data import step_sampler
 from .errors import ConfigError, DataError
 from .objectives import token_loss_sum
 from .profiles import get_profile
@@ -37,6 +37,7 @@ class SFTConfig:
     # --- optimisation
     batch_size: int = 32  # conversations per micro-batch; lower it if you run out of memory...
     grad_accum: int = 1  # ...and raise this to keep the effective batch
+    group_by_length: bool = False  # micro-batches of similar length: half the padded tokens (but see notebook 03)
     max_steps: int = 300  # optimizer steps
     lr: float = 1e-3  # peak LR; fine-tuning a real 135M-7B model wants 1e-5..1e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -168,7 +169,7 @@ def train(cfg: SFTConfig, model, tokenizer, examples: list, out_dir=None, resume
     """Fine-tune ``model`` in place on encoded ``examples`` (right-padded batches)."""
     cfg.validate()
     pad = require_pad_token(tokenizer)
-    sampler = StepBatchSampler(len(examples), cfg.batch_size, cfg.seed)
+    sampler = step_sampler([len(e.input_ids) for e in examples], cfg.batch_size, cfg.seed, cfg.group_by_length)
 
     def micro_batches(step: int) -> list[dict]:
         return [pad_batch([examples[i] for i in sampler.indices(step * cfg.grad_accum + k)], pad, "right")
@@ -365,7 +366,8 @@ def main(cfg: SFTConfig | None = None, out_dir=None, tracker=None, log=print, ba
     return {"before": strip(before), "after": strip(after), "data": counts, "train_conversations": len(examples),
             "steps": result["steps"], "final_train_loss": result["final_loss"], "peft": cfg.peft,
             "trainable_parameters": trainable, "total_parameters": total, "history": result["history"],
-            "tokens_per_s": result["tokens_per_s"], "seconds": time.perf_counter() - t0, "samples": samples,
+            "tokens_per_s": result["tokens_per_s"], "train_seconds": result["seconds"],
+            "seconds": time.perf_counter() - t0, "samples": samples,
             "checkpoint": str(out_dir / "final"), "config": asdict(cfg)}
 
 

@@ -4,7 +4,8 @@ import random
 import pytest
 import torch
 
-from course_utils.data import LengthGroupedStepSampler, StepBatchSampler, make_dataloader, packed_ids, tokenize_and_pack
+from course_utils.data import (LengthGroupedStepSampler, StepBatchSampler, make_dataloader, packed_ids, step_sampler,
+                               tokenize_and_pack)
 from course_utils.errors import DataError
 from course_utils.io import read_jsonl, write_jsonl
 
@@ -65,6 +66,17 @@ def test_length_grouped_batches_hold_similar_lengths():
     assert grouped.indices(per_epoch) != grouped.indices(0)  # the next epoch regroups
     with pytest.raises(DataError, match="window"):
         LengthGroupedStepSampler(lengths, 16, seed=1, window=0)
+
+
+def test_step_sampler_groups_by_length_only_when_asked():
+    lengths = [(7 * i) % 61 + 3 for i in range(400)]
+    grouped, mixed = step_sampler(lengths, 16, seed=2), step_sampler(lengths, 16, seed=2, group_by_length=False)
+
+    def padded(sampler):  # tokens the model computes on: each batch padded to its longest row
+        return sum(len(idx) * max(lengths[i] for i in idx) for idx in (sampler.indices(k) for k in range(25)))
+
+    assert padded(grouped) < 0.7 * padded(mixed)
+    assert all(mixed.indices(k) == StepBatchSampler(400, 16, seed=2).indices(k) for k in range(25))
 
 
 def test_dataloader_yields_the_sampled_rows(packed):

@@ -133,3 +133,21 @@ def test_dpo_training_raises_the_implicit_reward_accuracy(tokenizer):
     history = dpo.train(cfg, policy, ref, tokenizer, pairs)["history"]
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert history[-1]["loss"] < 0.5 and history[-1]["accuracy"] > 0.8 and history[-1]["margin"] > 0.5
+
+
+
+def test_dpo_batches_follow_group_by_length(tokenizer, monkeypatch):
+    from course_utils.reward import RewardConfig, encode_pairs
+
+    rows = [r for r in preference_pairs(0, 200, "train") if not r["meta"]["is_tie"]]
+    pairs, _ = encode_pairs(rows, tokenizer, RewardConfig(chat_format="chatml", max_length=128))
+    real, spread = dpo.collate, {}
+    for group in (True, False):
+        seen = []
+        monkeypatch.setattr(dpo, "collate", lambda batch, pad: seen.append(
+            [max(len(c.input_ids), len(r.input_ids)) for c, r, *_ in batch]) or real(batch, pad))
+        policy, ref = _models(tokenizer)
+        dpo.train(dpo.DPOConfig(max_steps=6, batch_size=8, warmup_steps=0, progress=False, group_by_length=group),
+                  policy, ref, tokenizer, pairs)
+        spread[group] = sum(max(b) - min(b) for b in seen) / len(seen)  # padding a batch's shorter rows carry
+    assert spread[True] < 0.5 * spread[False], spread

@@ -218,6 +218,21 @@ def test_right_and_left_padded_batches_give_the_same_rewards(pooled, tokenizer):
     torch.testing.assert_close(right, left, atol=ATOL, rtol=0)
 
 
+def test_reward_scores_batches_by_length_and_returns_rewards_in_input_order(tokenizer):
+    cfg = R.RewardConfig.for_profile("smoke", progress=False)
+    rows = [r for r in preference_pairs(0, 30, "train") if R.fits(r, tokenizer, cfg)][:9]
+    prompts = [r["prompt"] for r in rows] * 2
+    responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    model = _rm(tokenizer)
+    with torch.no_grad():
+        alone = [R.reward_scores(model, tokenizer, [p], [r], cfg)[0] for p, r in zip(prompts, responses)]
+    lengths = [len(encode([{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenizer,
+                          cfg.chat_format, cfg.max_length).input_ids) for p, r in zip(prompts, responses)]
+    assert lengths != sorted(lengths), "the inputs must not already be in length order"
+    batched = R.reward_scores(model, tokenizer, prompts, responses, cfg, batch_size=4)
+    assert batched == pytest.approx(alone, abs=ATOL)
+
+
 def test_last_token_index():
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 0, 0], [1, 0, 0, 0]])
     assert R.last_token_index(mask).tolist() == [1, 3, 3, 1, 0]

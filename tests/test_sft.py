@@ -128,6 +128,23 @@ def test_sft_training_accumulation_invariant_and_learning(make_model, tokenizer)
     assert hist[-1]["loss"] < 0.8 * hist[0]["loss"]
 
 
+def test_sft_batches_follow_group_by_length(make_model, tokenizer, monkeypatch):
+    import course_utils.sft as S
+    from course_utils.world import sft_examples
+
+    examples, _ = encode_records(sft_examples(0, 96, "train"), tokenizer, SFTConfig.for_profile("smoke"))
+    real, spread = S.pad_batch, {}
+    for group in (True, False):
+        seen = []
+        monkeypatch.setattr(S, "pad_batch", lambda rows, *a, **k: seen.append([len(r.input_ids) for r in rows])
+                            or real(rows, *a, **k))
+        cfg = SFTConfig.for_profile("smoke", batch_size=8, max_steps=6, warmup_steps=1, progress=False,
+                                    group_by_length=group)
+        train(cfg, make_model(), tokenizer, examples)
+        spread[group] = sum(max(b) - min(b) for b in seen) / len(seen)  # padding a batch's shorter rows carry
+    assert spread[True] < 0.5 * spread[False], spread
+
+
 def test_left_padded_batch_generation_equals_one_by_one(make_model, tokenizer):
     from course_utils.world import sft_examples
 
