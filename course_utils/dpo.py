@@ -142,7 +142,7 @@ PRESETS = {
     "smoke": dict(max_steps=4, batch_size=8, warmup_steps=1, eval_prompts=8, eval_samples=1, max_new_tokens=12,
                   log_every=1, pairs="labelled"),  # an untrained smoke model seldom finishes an answer: no pairs
     # measured in notebook 07 and the pipeline report (README: chapter 07). 2,000 prompts and 300 steps won 80% of
-    # prompts against SFT; these 1,000 and 200, 76%, in a third less time (the tiny course stays under 30 minutes)
+    # prompts against SFT; these 1,000 and 200, 77%, in a third less time (the tiny course stays under 30 minutes)
     "tiny": dict(on_policy_prompts=1000, max_steps=200),
     "gpu": dict(max_steps=300, batch_size=16, lr=5e-7, max_new_tokens=128, eval_samples=1),
 }

@@ -37,7 +37,9 @@ class SFTConfig:
     # --- optimisation
     batch_size: int = 32  # conversations per micro-batch; lower it if you run out of memory...
     grad_accum: int = 1  # ...and raise this to keep the effective batch
-    group_by_length: bool = False  # micro-batches of similar length: half the padded tokens (but see notebook 03)
+    # micro-batches of similar length: half the padded tokens, 1.3x faster here, but in the tiny world a length is
+    # nearly a task, so each batch holds one kind of task: 300 steps reached 72% held-out accuracy instead of 80%
+    group_by_length: bool = False
     max_steps: int = 300  # optimizer steps
     lr: float = 1e-3  # peak LR; fine-tuning a real 135M-7B model wants 1e-5..1e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio

@@ -75,6 +75,15 @@ def test_corrupt_file_is_named(make_model, tokenizer, packed, tmp_path, victim):
         ckpt.load_checkpoint(path, make_model())
 
 
+def test_trainer_state_reads_a_verified_checkpoints_state(make_model, tokenizer, packed, tmp_path):
+    _, _, path = _trained(make_model, tokenizer, packed, tmp_path)
+    state = ckpt.trainer_state(path)
+    assert state["step"] == 1 and state["note"] == "hi"
+    (path / "trainer_state.json").write_text(json.dumps({**state, "step": 2}))  # edited after saving
+    with pytest.raises(CheckpointError, match="trainer_state.json is corrupt"):
+        ckpt.trainer_state(path)
+
+
 def test_folder_without_manifest(tmp_path, make_model):
     (tmp_path / "x").mkdir()
     with pytest.raises(CheckpointError, match="no manifest.json"):

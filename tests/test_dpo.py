@@ -135,7 +135,6 @@ def test_dpo_training_raises_the_implicit_reward_accuracy(tokenizer):
     assert history[-1]["loss"] < 0.5 and history[-1]["accuracy"] > 0.8 and history[-1]["margin"] > 0.5
 
 
-
 def test_dpo_batches_follow_group_by_length(tokenizer, monkeypatch):
     from course_utils.reward import RewardConfig, encode_pairs
 
